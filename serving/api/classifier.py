@@ -1,0 +1,156 @@
+"""classifier.v1.Classifier: a thin adapter between wire messages and the model repository."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+
+from .._proto.classifier.v1 import classifier_pb2 as pb
+from .._proto.classifier.v1 import classifier_pb2_grpc as pb_grpc
+from ..cam import overlay_png
+from ..model import InferenceRequest, ModelVersion, probabilities
+from ..preprocess import InvalidInput, RawTensor, input_image_uint8
+from ..repository import ModelRepository
+from .errors import abort_with, remaining_time, status_of
+
+DEFAULT_TOP_K = 5
+MAX_IMAGES_PER_REQUEST = 4096
+
+
+def resolve_model(repo: ModelRepository, name: str, version: int) -> ModelVersion:
+    if not name:
+        names = repo.model_names()
+        if len(names) != 1:
+            raise InvalidInput(f"request names no model; choose one of: {', '.join(names)}")
+        name = names[0]
+    if version < 0:
+        raise InvalidInput(f"version {version} is negative; use 0 for the latest")
+    return repo.get(name, version)
+
+
+def images_from_wire(images) -> list[bytes | RawTensor]:
+    if not images:
+        raise InvalidInput("request holds no images")
+    if len(images) > MAX_IMAGES_PER_REQUEST:
+        raise InvalidInput(f"{len(images)} images in one request; the limit is {MAX_IMAGES_PER_REQUEST}")
+    out: list[bytes | RawTensor] = []
+    for i, img in enumerate(images):
+        kind = img.WhichOneof("content")
+        if kind == "encoded":
+            out.append(img.encoded)
+        elif kind == "tensor":
+            out.append(RawTensor(tuple(img.tensor.shape), img.tensor.dtype, img.tensor.data))
+        else:
+            raise InvalidInput(f"image {i} is empty: set `encoded` (PNG/JPEG bytes) or `tensor`")
+    return out
+
+
+def top_k_predictions(probs: np.ndarray, labels: list[str], k: int) -> list[pb.Classification]:
+    k = min(k, probs.shape[1])
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    scores = np.take_along_axis(probs, order, axis=1)
+    return [pb.Classification(predictions=[pb.Prediction(index=int(i), label=labels[i], score=float(s))
+                                           for i, s in zip(row_idx, row_scores)])
+            for row_idx, row_scores in zip(order.tolist(), scores.tolist())]
+
+
+class ClassifierService(pb_grpc.ClassifierServicer):
+    def __init__(self, repository: ModelRepository, stream_window: int = 64):
+        self.repo = repository
+        self.stream_window = stream_window
+
+    async def _classify(self, request: pb.ClassifyRequest, timeout_s: float | None) -> pb.ClassifyResponse:
+        if request.top_k < 0:
+            raise InvalidInput(f"top_k {request.top_k} is negative")
+        images = images_from_wire(request.images)
+        mv = resolve_model(self.repo, request.model, request.version)
+        result = await mv.infer(InferenceRequest(images), timeout_s=timeout_s)
+        probs = probabilities(result.logits)
+        return pb.ClassifyResponse(model=mv.name, version=mv.version,
+                                   results=top_k_predictions(probs, mv.spec.labels, request.top_k or DEFAULT_TOP_K))
+
+    async def Classify(self, request, context):
+        try:
+            return await self._classify(request, remaining_time(context))
+        except Exception as e:  # noqa: BLE001 - every error becomes a status with a message
+            await abort_with(context, e)
+
+    async def ClassifyStream(self, request_iterator, context):
+        """Requests run concurrently (up to the window) and are answered in arrival order."""
+        pending: asyncio.Queue = asyncio.Queue(maxsize=self.stream_window)
+
+        async def read() -> None:
+            try:
+                async for msg in request_iterator:
+                    task = asyncio.ensure_future(self._classify(msg.request, remaining_time(context)))
+                    await pending.put((msg.request_id, task))
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await pending.get()) is not None:
+                request_id, task = item
+                try:
+                    yield pb.StreamClassifyResponse(request_id=request_id, response=await task)
+                except Exception as e:  # noqa: BLE001 - one failed request does not end the stream
+                    code, message = status_of(e)
+                    yield pb.StreamClassifyResponse(request_id=request_id, error_code=code.value[0],
+                                                    error_message=message)
+            await reader
+        finally:
+            reader.cancel()
+
+    async def Explain(self, request, context):
+        try:
+            images = images_from_wire(request.images)
+            mv = resolve_model(self.repo, request.model, request.version)
+            target = request.target_class if request.HasField("target_class") else None
+            result = await mv.infer(InferenceRequest(images, cam=True, cam_class=target, keep_inputs=request.overlay),
+                                    timeout_s=remaining_time(context))
+            probs = probabilities(result.logits)
+            overlays = await asyncio.to_thread(_overlays, result) if request.overlay else [b""] * len(images)
+            h, w = result.cams.shape[1:]
+            explanations = []
+            for i, cls in enumerate(result.cam_classes.tolist()):
+                explanations.append(pb.Explanation(
+                    target=pb.Prediction(index=cls, label=mv.spec.labels[cls], score=float(probs[i, cls])),
+                    heatmap=pb.Tensor(shape=[h, w], dtype="float32", data=result.cams[i].astype("<f4").tobytes()),
+                    overlay_png=overlays[i]))
+            return pb.ExplainResponse(model=mv.name, version=mv.version, explanations=explanations)
+        except Exception as e:  # noqa: BLE001
+            await abort_with(context, e)
+
+    async def ListModels(self, request, context):
+        models = []
+        for name in self.repo.model_names():
+            models.append(pb.ModelSummary(name=name, versions=self.repo.ready_versions(name),
+                                          platform="onnxruntime_onnx"))
+        return pb.ListModelsResponse(models=models)
+
+    async def GetModel(self, request, context):
+        try:
+            mv = resolve_model(self.repo, request.model, request.version)
+            pre = mv.spec.preprocessing
+            metrics = {k: str(v) for k, v in mv.metadata.get("metrics", {}).items() if not isinstance(v, (dict, list))}
+            metrics["onnx_parity_max_abs_diff"] = str(mv.metadata.get("parity_max_abs_diff", ""))
+            return pb.GetModelResponse(
+                name=mv.name, version=mv.version, labels=mv.spec.labels,
+                preprocessing=pb.Preprocessing(channels=pre.channels, height=pre.height, width=pre.width,
+                                               mean=pre.mean, std=pre.std, color_mode=pre.color_mode),
+                versions=[pb.VersionStatus(version=s.version, state=s.state, reason=s.reason)
+                          for s in self.repo.statuses(mv.name)],
+                metrics=metrics, execution_provider=mv.runtime.provider, supports_cam=mv.supports_cam,
+                cam_unsupported_reason=mv.cam_reason, max_batch_size=mv.spec.batching.max_batch_size,
+                architecture=mv.spec.architecture, parameters=int(mv.metadata.get("parameters", 0)))
+        except Exception as e:  # noqa: BLE001
+            await abort_with(context, e)
+
+
+def _overlays(result) -> list[bytes]:
+    return [overlay_png(input_image_uint8(x), heat) for x, heat in zip(result.inputs, result.cams)]
+
+
+__all__ = ["ClassifierService", "grpc"]

@@ -1,0 +1,284 @@
+"""A generic dynamic batcher: concurrent requests in, few large executions, results back to each caller.
+
+It knows nothing of gRPC or onnxruntime: `execute(payloads, instance) -> results` runs in a worker thread
+(one per instance, `instance` its index) over a list of request payloads, each supporting `len()` and slicing. Scheduling follows
+Triton's dynamic batcher: requests queue in arrival order per priority level; a batch leaves when it
+reaches `max_batch_size` units (or the largest preferred size available) or when the oldest request has
+waited `max_queue_delay`; a request larger than the limit is split into chunks and merged back in order.
+The queue is bounded (QueueFull at once when full); requests whose deadline passes in the queue are
+dropped and answered DeadlineExceeded; a cancelled caller frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class QueueFull(Exception):
+    """The queue holds max_queue_size requests already (maps to RESOURCE_EXHAUSTED)."""
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before its batch ran (maps to DEADLINE_EXCEEDED)."""
+
+
+class BatcherStopped(Exception):
+    """The batcher is shutting down (maps to UNAVAILABLE)."""
+
+
+@dataclass
+class BatchStats:
+    """Counters a batcher keeps; read by metrics and ModelStatistics."""
+    requests: int = 0
+    executions: int = 0
+    units: int = 0
+    failures: int = 0
+    rejected: int = 0
+    expired: int = 0
+    queue_ns: int = 0
+    compute_ns: int = 0
+    batch_sizes: collections.Counter = field(default_factory=collections.Counter)
+    last_inference_ms: int = 0
+
+
+@dataclass(eq=False)
+class _Pending:
+    payload: Any
+    size: int
+    future: asyncio.Future
+    enqueued: float
+    deadline: float | None
+    priority: int
+
+
+def _concat_lists(parts: list) -> Any:
+    return [x for part in parts for x in part]
+
+
+# (batch units, queue seconds per request, compute seconds, failed requests)
+BatchObserver = Callable[[int, list[float], float, int], None]
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        execute: Callable[[list[Any], int], Sequence[Any]],
+        *,
+        max_batch_size: int,
+        max_queue_delay_s: float = 0.0,
+        preferred_batch_sizes: Sequence[int] = (),
+        max_queue_size: int = 1024,
+        priority_levels: int = 1,
+        default_priority: int = 1,
+        instances: int = 1,
+        merge: Callable[[list[Any]], Any] = _concat_lists,
+        observer: BatchObserver | None = None,
+        name: str = "batcher",
+    ):
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        self._execute = execute
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.preferred = sorted(s for s in preferred_batch_sizes if 0 < s <= max_batch_size)
+        self.max_queue_size = max_queue_size
+        self.priority_levels = max(1, priority_levels)
+        self.default_priority = min(max(1, default_priority), self.priority_levels)
+        self.instances = max(1, instances)
+        self._merge = merge
+        self._observer = observer
+        self.name = name
+        self.stats = BatchStats()
+        self._queues: list[collections.deque[_Pending]] = [collections.deque() for _ in range(self.priority_levels)]
+        self._queued = 0
+        self._arrival: asyncio.Event | None = None
+        self._form_lock: asyncio.Lock | None = None
+        self._workers: list[asyncio.Task] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self._closed = False
+        self.in_flight = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._arrival = asyncio.Event()
+        self._form_lock = asyncio.Lock()
+        self._executor = ThreadPoolExecutor(self.instances, thread_name_prefix=f"{self.name}-exec")
+        self._workers = [asyncio.create_task(self._worker(i), name=f"{self.name}-{i}") for i in range(self.instances)]
+
+    async def stop(self, drain: bool = True, timeout_s: float = 30.0) -> None:
+        """Stop taking requests; with drain, finish what is queued or running first."""
+        self._closed = True
+        if drain:
+            end = time.monotonic() + timeout_s
+            while (self._queued or self.in_flight) and time.monotonic() < end:
+                await asyncio.sleep(0.005)
+        for q in self._queues:
+            while q:
+                p = q.popleft()
+                if not p.future.done():
+                    p.future.set_exception(BatcherStopped(f"{self.name} is shutting down"))
+        self._queued = 0
+        for w in self._workers:
+            w.cancel()
+        for w in self._workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await w
+        if self._executor:
+            self._executor.shutdown(wait=True)
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    # -- submitting ------------------------------------------------------------------------------------
+    async def submit(self, payload: Any, priority: int | None = None, timeout_s: float | None = None) -> Any:
+        """Queue one request (any number of units), wait for its results, merged in order."""
+        if self._closed or self._arrival is None:
+            raise BatcherStopped(f"{self.name} is not accepting requests")
+        size = len(payload)
+        if size == 0:
+            return self._merge([])
+        level = self.default_priority if not priority else priority
+        if not 1 <= level <= self.priority_levels:
+            raise ValueError(f"priority {priority} is outside 1..{self.priority_levels}")
+        chunks = [payload[i:i + self.max_batch_size] for i in range(0, size, self.max_batch_size)]
+        if self._queued + len(chunks) > self.max_queue_size:
+            self.stats.rejected += 1
+            raise QueueFull(f"{self.name}: queue is full ({self._queued} of {self.max_queue_size} requests waiting)")
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        deadline = now + timeout_s if timeout_s else None
+        pending = [_Pending(c, len(c), loop.create_future(), now, deadline, level) for c in chunks]
+        for p in pending:
+            self._queues[level - 1].append(p)
+        self._queued += len(pending)
+        self.stats.requests += 1
+        self._arrival.set()
+        try:
+            if deadline is None:
+                results = await asyncio.gather(*(p.future for p in pending))
+            else:
+                results = await asyncio.wait_for(asyncio.gather(*(p.future for p in pending)), timeout_s)
+        except asyncio.TimeoutError:
+            self.stats.expired += 1
+            raise DeadlineExceeded(f"{self.name}: deadline of {timeout_s * 1000:.0f} ms passed while queued") from None
+        finally:
+            self._forget(pending)
+        return results[0] if len(results) == 1 else self._merge(list(results))
+
+    def _forget(self, pending: list[_Pending]) -> None:
+        """Remove requests that will never be awaited again (cancelled or timed out) from the queue."""
+        for p in pending:
+            if not p.future.done():
+                p.future.cancel()
+            q = self._queues[p.priority - 1]
+            if p.future.cancelled():
+                try:
+                    q.remove(p)
+                    self._queued -= 1
+                except ValueError:
+                    pass  # already taken by a worker
+
+    # -- scheduling ------------------------------------------------------------------------------------
+    def _available_units(self) -> int:
+        return sum(p.size for q in self._queues for p in q)
+
+    def _oldest(self) -> float | None:
+        heads = [q[0].enqueued for q in self._queues if q]
+        return min(heads) if heads else None
+
+    async def _next_batch(self) -> list[_Pending]:
+        assert self._arrival is not None
+        while True:
+            while not self._queued:
+                self._arrival.clear()
+                await self._arrival.wait()
+            if self.max_queue_delay_s > 0:
+                target = self.preferred[-1] if self.preferred else self.max_batch_size
+                while self._queued and self._available_units() < target:
+                    oldest = self._oldest()
+                    remaining = oldest + self.max_queue_delay_s - time.monotonic() if oldest else 0
+                    if remaining <= 0:
+                        break
+                    self._arrival.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._arrival.wait(), remaining)
+            batch = self._take()
+            if batch:
+                return batch
+
+    def _take(self) -> list[_Pending]:
+        limit = self.max_batch_size
+        if self.preferred:
+            available = self._available_units()
+            fitting = [s for s in self.preferred if s <= available]
+            if fitting and available < self.max_batch_size:
+                limit = fitting[-1]
+        now = time.monotonic()
+        batch, units = [], 0
+        for q in self._queues:  # highest priority (level 1) first, arrival order within a level
+            while q:
+                p = q[0]
+                if p.future.done():  # cancelled by its caller
+                    q.popleft()
+                    self._queued -= 1
+                    continue
+                if p.deadline is not None and p.deadline <= now:
+                    q.popleft()
+                    self._queued -= 1
+                    self.stats.expired += 1
+                    p.future.set_exception(DeadlineExceeded(f"{self.name}: deadline passed while queued"))
+                    continue
+                if units + p.size > limit and batch:
+                    return batch
+                q.popleft()
+                self._queued -= 1
+                batch.append(p)
+                units += p.size
+                if units >= limit:
+                    return batch
+        return batch
+
+    async def _worker(self, index: int) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._form_lock is not None
+        while True:
+            async with self._form_lock:
+                batch = await self._next_batch()
+            units = sum(p.size for p in batch)
+            started = time.monotonic()
+            queue_times = [started - p.enqueued for p in batch]
+            self.in_flight += len(batch)
+            try:
+                results = await loop.run_in_executor(self._executor, self._execute, [p.payload for p in batch], index)
+                if len(results) != len(batch):
+                    raise RuntimeError(f"execute returned {len(results)} results for {len(batch)} requests")
+            except Exception as e:  # the whole batch failed: every caller hears why
+                results = [e] * len(batch)
+            finally:
+                self.in_flight -= len(batch)
+            compute = time.monotonic() - started
+            failed = sum(isinstance(r, BaseException) for r in results)
+            self.stats.failures += failed
+            self.stats.executions += 1
+            self.stats.units += units
+            self.stats.batch_sizes[units] += 1
+            self.stats.queue_ns += int(sum(queue_times) * 1e9)
+            self.stats.compute_ns += int(compute * 1e9)
+            self.stats.last_inference_ms = int(time.time() * 1000)
+            if self._observer:
+                self._observer(units, queue_times, compute, failed)
+            for p, r in zip(batch, results):
+                if p.future.done():
+                    continue
+                if isinstance(r, BaseException):
+                    p.future.set_exception(r)
+                else:
+                    p.future.set_result(r)

@@ -1,0 +1,141 @@
+"""onnxruntime sessions for one model version: provider choice, thread budget, GPU I/O binding, warm-up.
+
+`onnxruntime-gpu` lists CUDAExecutionProvider even where the CUDA libraries are missing and silently falls
+back to CPU when the session is created, so the provider reported everywhere is the one the session
+really got (`session.get_providers()[0]`), never the one asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger("serving.runtime")
+
+
+@dataclass
+class RuntimeOptions:
+    device: str = "auto"             # auto | cpu | cuda
+    tensorrt: bool = False           # try the TensorRT provider first (engine cache, FP16)
+    trt_fp16: bool = True
+    trt_cache_dir: str = ""
+    intra_op_threads: int = 0        # 0 = cores / instances
+    cuda_device_id: int = 0
+
+
+_preloaded = False
+
+
+def _preload_cuda_libraries() -> None:
+    """Wheels of CUDA/cuDNN installed by pip (e.g. with torch) are found only when preloaded. Where they
+    are missing, onnxruntime prints a screen of errors; the fallback is reported once, by us, instead."""
+    global _preloaded
+    preload = getattr(ort, "preload_dlls", None)
+    if _preloaded or preload is None:
+        return
+    _preloaded = True
+    ort.set_default_logger_severity(4)
+    with _quiet_fds():
+        try:
+            preload()
+        except Exception as e:  # noqa: BLE001 - a CPU machine has nothing to preload
+            log.debug("preload_dlls: %s", e)
+
+
+@contextlib.contextmanager
+def _quiet_fds():
+    """Silence native prints to stdout/stderr (C++ code bypasses Python's streams)."""
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
+def choose_providers(options: RuntimeOptions, instance: int = 0) -> list:
+    available = ort.get_available_providers()
+    providers: list = []
+    if options.device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+        if options.tensorrt and "TensorrtExecutionProvider" in available:
+            trt = {"device_id": options.cuda_device_id, "trt_fp16_enable": options.trt_fp16,
+                   "trt_engine_cache_enable": bool(options.trt_cache_dir)}
+            if options.trt_cache_dir:
+                trt["trt_engine_cache_path"] = options.trt_cache_dir
+            providers.append(("TensorrtExecutionProvider", trt))
+        providers.append(("CUDAExecutionProvider", {"device_id": options.cuda_device_id,
+                                                    "arena_extend_strategy": "kSameAsRequested"}))
+    elif options.device == "cuda":
+        raise RuntimeError(f"device=cuda asked, but onnxruntime offers only {available}")
+    providers.append("CPUExecutionProvider")
+    return providers
+
+
+class OrtModel:
+    """`instances` sessions over one ONNX file; `run(x, outputs, instance)` is thread-safe per instance."""
+
+    def __init__(self, path: Path, input_name: str, output_names: list[str], instances: int = 1,
+                 options: RuntimeOptions | None = None):
+        self.options = options or RuntimeOptions()
+        self.input_name = input_name
+        self.output_names = output_names
+        cores = os.cpu_count() or 1
+        threads = self.options.intra_op_threads or max(1, cores // max(1, instances))
+        providers = choose_providers(self.options)
+        if any((p[0] if isinstance(p, tuple) else p) != "CPUExecutionProvider" for p in providers):
+            _preload_cuda_libraries()
+        self.sessions = []
+        for _ in range(max(1, instances)):
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            # Parallelism comes from intra-op threads and instances, not from running branches of these
+            # sequential CNN graphs side by side.
+            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            so.enable_cpu_mem_arena = True
+            so.log_severity_level = 3
+            if len(providers) > 1:
+                with _quiet_fds():
+                    self.sessions.append(ort.InferenceSession(str(path), sess_options=so, providers=providers))
+            else:
+                self.sessions.append(ort.InferenceSession(str(path), sess_options=so, providers=providers))
+        self.provider = self.sessions[0].get_providers()[0]
+        asked = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+        if asked != self.provider:
+            log.warning("%s: %s is not usable here (CUDA/cuDNN libraries missing or no GPU); running on %s",
+                        path, asked, self.provider)
+        self.threads = threads
+        self._use_binding = self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+        log.info("%s: %d instance(s) on %s, %d intra-op thread(s)", path, len(self.sessions), self.provider, threads)
+
+    def run(self, x: np.ndarray, outputs: list[str], instance: int = 0) -> list[np.ndarray]:
+        session = self.sessions[instance % len(self.sessions)]
+        if not self._use_binding:
+            return session.run(outputs, {self.input_name: x})
+        # GPU: bind the host input once and fetch only the outputs asked for, avoiding ORT's extra copies.
+        binding = session.io_binding()
+        binding.bind_cpu_input(self.input_name, np.ascontiguousarray(x))
+        for name in outputs:
+            binding.bind_output(name, "cpu")
+        session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+    def warm_up(self, input_shape: tuple[int, ...], max_batch_size: int) -> None:
+        """Run each instance once per batch size it will meet, so the first requests pay no set-up cost."""
+        sizes = sorted({1, max_batch_size} | ({2 ** i for i in range(max_batch_size.bit_length())
+                                               if 2 ** i <= max_batch_size} if self._use_binding else set()))
+        for i in range(len(self.sessions)):
+            for n in sizes:
+                self.run(np.zeros((n, *input_shape), np.float32), self.output_names, i)

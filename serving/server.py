@@ -1,0 +1,142 @@
+"""The gRPC server: classifier.v1, KServe v2 (inference.GRPCInferenceService), health and reflection on
+one port, over one model repository."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ._proto import _pool
+from ._proto.classifier.v1 import classifier_pb2, classifier_pb2_grpc
+from .api.classifier import ClassifierService
+from .metrics import Metrics
+from .model_config import BatchingOptions
+from .repository import ModelRepository
+from .runtime import RuntimeOptions
+
+log = logging.getLogger("serving.server")
+
+DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class ServerOptions:
+    repository: str = str(DEFAULT_REPOSITORY)
+    host: str = "127.0.0.1"
+    port: int = 8001
+    metrics_port: int = 0                 # 0 = no Prometheus endpoint
+    poll_interval_s: float = 0.0          # 0 = no repository polling
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    batching: BatchingOptions = field(default_factory=BatchingOptions)
+    # BatchingOptions fields given on the command line; they win over every config.pbtxt.
+    batching_overrides: dict = field(default_factory=dict)
+
+
+class _MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every unary call by method and status code, and the calls in flight."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not handler.unary_unary:
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        inner, metrics = handler.unary_unary, self.metrics
+
+        async def wrapped(request, context):
+            gauge = metrics.in_flight.labels(method)
+            gauge.inc()
+            code = "OK"
+            try:
+                return await inner(request, context)
+            except BaseException:
+                code = context.code().name if context.code() else "UNKNOWN"
+                raise
+            finally:
+                gauge.dec()
+                metrics.rpcs.labels(method, code).inc()
+
+        return grpc.unary_unary_rpc_method_handler(wrapped, handler.request_deserializer, handler.response_serializer)
+
+
+class InferenceServer:
+    def __init__(self, options: ServerOptions):
+        self.options = options
+        self.metrics = Metrics()
+        self.repository = ModelRepository(options.repository, options.runtime, options.batching,
+                                          options.batching_overrides, observer_factory=self.metrics.observer)
+        self.server: grpc.aio.Server | None = None
+        self.port = options.port
+        self.health = health.aio.HealthServicer()
+        self.started_at = time.time()
+
+    async def start(self) -> int:
+        o = self.options
+        await self.repository.load_all()
+        limits = [("grpc.max_receive_message_length", o.max_message_bytes),
+                  ("grpc.max_send_message_length", o.max_message_bytes),
+                  ("grpc.so_reuseport", 0)]
+        self.server = grpc.aio.server(options=limits, interceptors=[_MetricsInterceptor(self.metrics)])
+        classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierService(self.repository), self.server)
+        service_names = [classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name]
+        try:
+            from .api import kserve
+            kserve.register(self.server, self.repository, self)
+            service_names.append(kserve.SERVICE_NAME)
+        except ImportError:  # the KServe front end is optional at this layer
+            pass
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        service_names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(service_names, self.server, pool=_pool.POOL)
+        self.port = self.server.add_insecure_port(f"{o.host}:{o.port}")
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {o.host}:{o.port}")
+        await self.server.start()
+        if o.poll_interval_s > 0:
+            self.repository.start_polling(o.poll_interval_s)
+        if o.metrics_port:
+            self.metrics.serve(o.metrics_port, o.host)
+        for name in service_names[:-1]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        ready = [f"{mv.name}:{mv.version} ({mv.runtime.provider})" for mv in self.repository.all_ready()]
+        log.info("listening on %s:%d; models ready: %s", o.host, self.port, ", ".join(ready) or "none")
+        return self.port
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        if self.server:
+            await self.server.stop(grace_s)
+        await self.repository.close()
+
+    async def wait(self) -> None:
+        assert self.server is not None
+        await self.server.wait_for_termination()
+
+
+async def serve(options: ServerOptions, ready_message: bool = True) -> None:
+    server = InferenceServer(options)
+    port = await server.start()
+    if ready_message:
+        # A machine-readable line for scripts and tests that start the server on port 0.
+        print(f"SERVING {options.host}:{port}", flush=True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.create_task(server.wait())
+    await asyncio.wait([waiter, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    log.info("shutting down")
+    await server.stop()

@@ -1,0 +1,207 @@
+"""Export any registered model to ONNX and write it into a versioned, Triton-compatible model repository.
+
+One code path for every model: the graph takes `input` [B, C, H, W] (pixels in [0, 1]; normalisation is
+inside) and gives `logits` [B, K] and `features` (the last conv maps, for CAM). The export is checked with
+onnx.checker and against PyTorch on a real batch; it fails above the tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from serving._proto.inference import model_config_pb2 as mc
+from serving.model_config import (CAM_WEIGHTS_FILE, LABELS_FILE, METADATA_FILE, MODEL_FILE, Preprocessing,
+                                  list_versions, write_config)
+
+from .models import CamUnsupported, ImageClassifier, create_model, list_models
+
+log = logging.getLogger("training.export")
+
+OPSET = 17
+PARITY_TOLERANCE = 1e-4
+INPUT, LOGITS, FEATURES = "input", "logits", "features"
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+class _ExportWrapper(nn.Module):
+    def __init__(self, model: ImageClassifier):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.forward_features(x)
+        return self.model.forward_head(features), features
+
+
+def export_onnx(model: ImageClassifier, path: Path, opset: int = OPSET) -> None:
+    model = model.eval()
+    c, (h, w) = model.in_channels, model.input_size
+    example = torch.rand(2, c, h, w)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _ExportWrapper(model), (example,), str(path), input_names=[INPUT], output_names=[LOGITS, FEATURES],
+            dynamic_axes={INPUT: {0: "batch"}, LOGITS: {0: "batch"}, FEATURES: {0: "batch"}},
+            opset_version=opset, dynamo=False, do_constant_folding=True,
+        )
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def parity_error(model: ImageClassifier, path: Path, batch: torch.Tensor) -> float:
+    """Max abs difference of logits and features between PyTorch and onnxruntime on `batch`."""
+    model = model.eval()
+    with torch.no_grad():
+        f = model.forward_features(batch)
+        ref = [model.forward_head(f).numpy(), f.numpy()]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run([LOGITS, FEATURES], {INPUT: batch.numpy()})
+    return float(max(np.abs(a - b).max() for a, b in zip(ref, got)))
+
+
+def _cam_weights(model: ImageClassifier) -> tuple[np.ndarray | None, str]:
+    try:
+        return model.cam_weights().cpu().numpy().astype(np.float32), ""
+    except CamUnsupported as e:
+        return None, str(e)
+
+
+def build_config(name: str, model: ImageClassifier, max_batch_size: int,
+                 extra: dict[str, str]) -> mc.ModelConfig:
+    c, (h, w) = model.in_channels, model.input_size
+    with torch.no_grad():
+        features = model.forward_features(torch.zeros(1, c, h, w))
+        fshape, out_classes = list(features.shape[1:]), model.forward_head(features).shape[1]
+    pre = Preprocessing(c, h, w, [round(v, 6) for v in model.mean.flatten().tolist()],
+                        [round(v, 6) for v in model.std.flatten().tolist()])
+    cfg = mc.ModelConfig(name=name, platform="onnxruntime_onnx", max_batch_size=max_batch_size)
+    cfg.input.add(name=INPUT, data_type=mc.TYPE_FP32, format=mc.ModelInput.FORMAT_NCHW, dims=[c, h, w])
+    cfg.output.add(name=LOGITS, data_type=mc.TYPE_FP32, dims=[out_classes], label_filename=LABELS_FILE)
+    cfg.output.add(name=FEATURES, data_type=mc.TYPE_FP32, dims=fshape)
+    cfg.dynamic_batching.max_queue_delay_microseconds = 0
+    cfg.dynamic_batching.preferred_batch_size.append(max_batch_size)
+    cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_AUTO)
+    cfg.version_policy.latest.num_versions = 1
+    params = {"preprocessing": pre.to_json(), "features_output": FEATURES, **extra}
+    for k, v in params.items():
+        cfg.parameters[k].string_value = v
+    return cfg
+
+
+def next_version(model_dir: Path) -> int:
+    existing = list_versions(model_dir) if model_dir.exists() else []
+    return (existing[-1] + 1) if existing else 1
+
+
+def export_to_repository(model: ImageClassifier, classes: list[str], repository: Path, name: str,
+                         architecture: str, metrics: dict | None = None, version: int | None = None,
+                         max_batch_size: int = 64, check_batch: torch.Tensor | None = None,
+                         precision: str = "fp32") -> Path:
+    """Write <repo>/<name>/<version>/model.onnx (+ metadata, CAM weights), config.pbtxt and labels.txt.
+
+    The version directory is assembled in a temporary place and renamed into the repository, so a
+    polling server never sees a half-written version.
+    """
+    model = model.eval()
+    model_dir = repository / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    version = version or next_version(model_dir)
+    final = model_dir / str(version)
+    if final.exists():
+        raise ExportError(f"{final} exists already; pick another --version")
+    c, (h, w) = model.in_channels, model.input_size
+    if check_batch is None:
+        check_batch = torch.rand(8, c, h, w, generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory(dir=model_dir, prefix=".export-") as tmp:
+        staging = Path(tmp) / "v"
+        started = time.time()
+        export_onnx(model, staging / MODEL_FILE)
+        err = parity_error(model, staging / MODEL_FILE, check_batch)
+        print(f"{name}: ONNX parity max abs difference {err:.2e} on a batch of {len(check_batch)} "
+              f"({time.time() - started:.1f}s)")
+        if err > PARITY_TOLERANCE:
+            raise ExportError(f"{name}: ONNX output differs from PyTorch by {err:.2e} > {PARITY_TOLERANCE:g}")
+        weights, reason = _cam_weights(model)
+        if weights is not None:
+            np.save(staging / CAM_WEIGHTS_FILE, weights)
+        n_params = sum(p.numel() for p in model.parameters())
+        meta = {"architecture": architecture, "parameters": n_params, "parity_max_abs_diff": err,
+                "precision": precision, "opset": OPSET, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "onnx_bytes": (staging / MODEL_FILE).stat().st_size, "metrics": metrics or {}}
+        if reason:
+            meta["cam_unsupported_reason"] = reason
+        (staging / METADATA_FILE).write_text(json.dumps(meta, indent=1))
+        extra = {"architecture": architecture, "parameters_count": str(n_params)}
+        write_config(model_dir, build_config(name, model, max_batch_size, extra))
+        (model_dir / LABELS_FILE).write_text("\n".join(classes) + "\n")
+        staging.rename(final)
+    return final
+
+
+def _metrics_of(checkpoint: Path) -> dict:
+    path = checkpoint.parent / "metrics.json"
+    if not path.exists():
+        return {}
+    m = json.loads(path.read_text())
+    return {k: m[k] for k in ("test_acc", "test_loss", "best_val_acc", "epochs_run", "train_time_s") if k in m}
+
+
+def export_main(args: argparse.Namespace) -> None:
+    from .train import load_checkpoint
+
+    repo = Path(args.repository)
+    if args.all:
+        ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+        for arch in list_models():
+            ckpt = ckpt_dir / arch / "checkpoint.pt" if ckpt_dir else None
+            if ckpt and ckpt.exists():
+                model, classes = load_checkpoint(ckpt)
+                metrics = _metrics_of(ckpt)
+            else:
+                torch.manual_seed(0)
+                model = create_model(arch, in_channels=1, num_classes=10, input_size=(28, 28))
+                classes, metrics = [str(i) for i in range(10)], {"note": "random weights"}
+            export_to_repository(model, classes, repo, arch, arch, metrics, max_batch_size=args.max_batch_size)
+        return
+    if not args.checkpoint:
+        raise SystemExit("export needs a checkpoint (or --all)")
+    ckpt = Path(args.checkpoint)
+    model, classes = load_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=True)
+    arch = state["model_name"]
+    check = _real_batch(model, args.data_dir)
+    path = export_to_repository(model, classes, repo, args.name or arch, arch, _metrics_of(ckpt), args.version,
+                                args.max_batch_size, check)
+    print(f"wrote {path}")
+    if args.fp16 or args.quantize:
+        from .quantize import export_reduced_precision
+        export_reduced_precision(path, args.fp16, args.quantize)
+
+
+def _real_batch(model: ImageClassifier, data_dir: str | None) -> torch.Tensor:
+    """A batch of real test images when the dataset is around, else random pixels."""
+    try:
+        from .augment import to_model_input
+        from .data import load_idx_dataset
+        ds = load_idx_dataset("fashion-mnist", data_dir)
+        if ds.test is not None:
+            return to_model_input(ds.test.images[:64], model.in_channels, model.input_size)
+    except Exception:  # noqa: BLE001 - the check still runs on random data
+        pass
+    c, (h, w) = model.in_channels, model.input_size
+    return torch.rand(64, c, h, w, generator=torch.Generator().manual_seed(0))
