@@ -1,0 +1,71 @@
+"""Shared fixtures: a real model repository made by the real exporter, and the real gRPC server on a free
+localhost port, running its own asyncio loop in a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from serving.server import InferenceServer, ServerOptions
+from training.export import export_to_repository
+from training.models import create_model
+
+LABELS = [f"class_{i}" for i in range(10)]
+
+
+def export_small(repo: Path, name: str = "fmnist", version: int | None = None, seed: int = 0, **kw) -> Path:
+    """A small_fmnist with random weights (seeded), exported into `repo` as <name>/<version>."""
+    torch.manual_seed(seed)
+    model = create_model("small_fmnist", in_channels=1, num_classes=10, input_size=(28, 28))
+    return export_to_repository(model, LABELS, repo, name, "small_fmnist", {"test_acc": 0.5}, version, **kw)
+
+
+class RunningServer:
+    def __init__(self, options: ServerOptions):
+        self.options = options
+        self.loop = asyncio.new_event_loop()
+        self.server = InferenceServer(options)
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def start(self) -> RunningServer:
+        self._thread.start()
+        self.port = self.call(self.server.start())
+        self.address = f"127.0.0.1:{self.port}"
+        return self
+
+    def call(self, coro, timeout: float = 120):
+        """Run a coroutine on the server's loop from the test thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.call(self.server.stop(grace_s=1))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+@contextlib.contextmanager
+def running_server(repository: Path, **options):
+    server = RunningServer(ServerOptions(repository=str(repository), port=0, **options)).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def small_repo(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("repo")
+    export_small(repo)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def server(small_repo):
+    with running_server(small_repo) as s:
+        yield s
