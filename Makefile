@@ -1,0 +1,55 @@
+# Everyday commands. `make demo` and `make test` are the two a newcomer needs (see README).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is pinned to a CPU build: where no local wheelhouse and no GPU exist, take it from PyTorch's CPU index
+# rather than the multi-GB CUDA build PyPI serves for Linux.
+TORCH_INDEX ?= $(shell [ -d /opt/wheels ] || command -v nvidia-smi >/dev/null 2>&1 || echo --extra-index-url https://download.pytorch.org/whl/cpu)
+PORT ?= 8001
+REPO ?= model_repository
+
+.PHONY: setup setup-serving demo serve test lint proto train-default bench gpu-check clean
+
+$(VENV)/.serving: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.full: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_INDEX) -e ".[train,dev]"
+	touch $(VENV)/.serving $@
+
+setup-serving: $(VENV)/.serving   ## serving only: onnxruntime, grpcio, numpy, Pillow (no torch)
+setup: $(VENV)/.full              ## everything: training, tests, lint
+
+demo: setup-serving               ## serve the bundled model, classify and explain sample images, stop
+	@bash scripts/demo.sh $(PY) $(PORT)
+
+serve: setup-serving              ## serve the bundled repository in the foreground
+	$(PY) -m serving serve --model-repository $(REPO) --port $(PORT)
+
+test: setup                       ## lint, then the whole test suite
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check .
+
+proto: setup                      ## regenerate serving/_proto from proto/
+	$(PY) proto/generate.py
+
+train-default: setup              ## reproduce the bundled model (about 30 minutes on 2 CPU cores)
+	$(PY) -m training train --config configs/small_fmnist.yaml
+	$(PY) -m training export runs/small_fmnist/checkpoint.pt --repository $(REPO) --name fashion_mnist
+
+bench: setup                      ## the serving benchmark table (CPU here, GPU where present)
+	$(PY) -m serving bench
+
+gpu-check: setup                  ## the short GPU check (see bench/gpu_check.sh)
+	bash bench/gpu_check.sh
+
+clean:
+	rm -rf $(VENV) runs cam_overlays .pytest_cache .ruff_cache

@@ -1,0 +1,271 @@
+"""`python -m serving bench`: one table, measured in one run on one machine.
+
+For each model: in-process onnxruntime images/s at batch 1..256 (the limit); then the real server (a
+separate process) under C concurrent clients sending single-image requests with batching off and on,
+many-image requests, and Explain (CAM) against Classify of the same batch. A bare grpc.aio echo server,
+driven by the same client with the same request bytes, gives the transport's ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ._proto.classifier.v1 import classifier_pb2 as pb
+from ._proto.classifier.v1 import classifier_pb2_grpc as pb_grpc
+
+MODELS = {  # name -> (architecture, channels, size, classes)
+    "small": ("small_fmnist", 1, 28, 10),
+    "resnet18": ("resnet18", 3, 224, 1000),
+    "resnet50": ("resnet50", 3, 224, 1000),
+}
+ECHO_METHOD = "/bench.Echo/Call"
+
+
+@dataclass
+class LoadResult:
+    requests_per_s: float
+    images_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def prepare_repository(models: list[str], work_dir: Path, max_batch_size: int) -> Path:
+    """Random-weight exports (speed does not depend on the weights), cached in work_dir."""
+    repo = work_dir / "repo"
+    for name in models:
+        if (repo / name / "1" / "model.onnx").exists():
+            continue
+        import torch
+
+        from training.export import export_to_repository
+        from training.models import create_model
+        arch, c, s, k = MODELS[name]
+        torch.manual_seed(0)
+        model = create_model(arch, in_channels=c, num_classes=k, input_size=(s, s))
+        export_to_repository(model, [str(i) for i in range(k)], repo, name, arch, {"note": "random weights"},
+                             version=1, max_batch_size=max_batch_size)
+    return repo
+
+
+def bench_in_process(path: Path, shape: tuple[int, ...], batches: list[int], seconds: float, device: str) -> dict:
+    from .runtime import OrtModel, RuntimeOptions
+    model = OrtModel(path, "input", ["logits"], 1, RuntimeOptions(device=device))
+    out = {"provider": model.provider}
+    for n in batches:
+        x = np.random.rand(n, *shape).astype(np.float32)
+        model.run(x, ["logits"])
+        times = []
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end or len(times) < 3:
+            t = time.perf_counter()
+            model.run(x, ["logits"])
+            times.append(time.perf_counter() - t)
+        out[n] = {"images_per_s": n * len(times) / sum(times), "p50_ms": 1000 * float(np.median(times))}
+    return out
+
+
+def start_process(args: list[str], timeout_s: float = 180) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    end = time.time() + timeout_s
+    while time.time() < end:
+        line = proc.stdout.readline()
+        if line.startswith("SERVING"):
+            return proc, line.split()[1]
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"{' '.join(args)} did not start")
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+async def _echo_server() -> None:
+    import grpc
+
+    async def call(request: bytes, context) -> bytes:
+        return b"\x1a\x00"  # an empty repeated field: a response of the smallest size
+
+    handler = grpc.method_handlers_generic_handler("bench.Echo", {
+        "Call": grpc.unary_unary_rpc_method_handler(call)})
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20)])
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"SERVING 127.0.0.1:{port}", flush=True)
+    await server.wait_for_termination()
+
+
+async def drive(address: str, method: str, payload: bytes, images_per_request: int, concurrency: int,
+                seconds: float) -> LoadResult:
+    """`concurrency` callers on one channel, each sending `payload` back to back for `seconds`."""
+    import grpc
+    async with grpc.aio.insecure_channel(address, options=[("grpc.max_send_message_length", 256 << 20),
+                                                           ("grpc.max_receive_message_length", 256 << 20)]) as ch:
+        call = ch.unary_unary(method)
+        latencies: list[float] = []
+        errors = 0
+        await call(payload, timeout=60)  # connect and warm
+        stop_at = time.perf_counter() + seconds
+
+        async def caller() -> None:
+            nonlocal errors
+            while time.perf_counter() < stop_at:
+                t = time.perf_counter()
+                try:
+                    await call(payload, timeout=60)
+                    latencies.append(time.perf_counter() - t)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    lat = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
+    return LoadResult(len(latencies) / elapsed, len(latencies) * images_per_request / elapsed,
+                      float(np.percentile(lat, 50)), float(np.percentile(lat, 99)), errors)
+
+
+def _request(model: str, channels: int, size: int, n: int, explain: bool = False) -> bytes:
+    rng = np.random.default_rng(0)
+    shape = [size, size] if channels == 1 else [size, size, channels]
+    images = [pb.Image(tensor=pb.Tensor(shape=shape, dtype="uint8", data=rng.integers(0, 256, shape, np.uint8).tobytes()))
+              for _ in range(n)]
+    msg = pb.ExplainRequest(model=model, images=images) if explain else pb.ClassifyRequest(model=model, images=images)
+    return msg.SerializeToString()
+
+
+def run_bench(args: argparse.Namespace) -> list[dict]:
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    work_dir = Path(args.work_dir or Path(tempfile.gettempdir()) / "cnn-serving-bench")
+    repo = prepare_repository(models, work_dir, max(batches))
+    rows: list[dict] = []
+
+    def report(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+
+    echo, echo_addr = start_process(["-c", "import asyncio, serving.bench as b; asyncio.run(b._echo_server())"])
+    try:
+        for c in concurrency:
+            r = asyncio.run(drive(echo_addr, ECHO_METHOD, _request("small", 1, 28, 1), 1, c, args.seconds))
+            report({"model": "echo (transport ceiling)", "mode": "single-image", "clients": c, **vars(r)})
+    finally:
+        stop_process(echo)
+
+    for name in models:
+        arch, ch, size, _ = MODELS[name]
+        inproc = bench_in_process(repo / name / "1" / "model.onnx", (ch, size, size), batches,
+                                  args.seconds / 2, args.device)
+        best = max(batches, key=lambda n: inproc[n]["images_per_s"])
+        for n in batches:
+            report({"model": name, "mode": f"in-process batch {n}", "clients": 0, "requests_per_s": 0,
+                    "images_per_s": inproc[n]["images_per_s"], "p50_ms": inproc[n]["p50_ms"], "p99_ms": 0,
+                    "errors": 0, "provider": inproc["provider"], "best_batch": best})
+        server_args = ["-m", "serving", "serve", "--model-repository", str(repo), "--port", "0",
+                       "--device", args.device, "--log-level", "WARNING"]
+        for batching in ("off", "on"):
+            extra = ["--max-batch-size", "1"] if batching == "off" else ["--max-batch-size", str(max(batches))]
+            proc, addr = start_process(server_args + extra)
+            try:
+                single = _request(name, ch, size, 1)
+                for c in concurrency:
+                    r = asyncio.run(drive(addr, "/classifier.v1.Classifier/Classify", single, 1, c, args.seconds))
+                    report({"model": name, "mode": f"single-image, batching {batching}", "clients": c, **vars(r)})
+                if batching == "on":
+                    many = args.many_images
+                    for label, payload, method in (
+                            (f"{many}-image Classify", _request(name, ch, size, many), "Classify"),
+                            (f"{many}-image Explain (CAM)", _request(name, ch, size, many, True), "Explain")):
+                        for c in sorted({1, 4}):
+                            r = asyncio.run(drive(addr, f"/classifier.v1.Classifier/{method}", payload, many, c,
+                                                  args.seconds))
+                            report({"model": name, "mode": label, "clients": c, **vars(r)})
+            finally:
+                stop_process(proc)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| model | mode | clients | images/s | requests/s | p50 ms | p99 ms | errors |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['mode']} | {r['clients'] or '-'} | {r['images_per_s']:.0f} | "
+                     f"{r['requests_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} |")
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> str:
+    """The targets of the design, computed from this run's rows."""
+    out = []
+    echo = {r["clients"]: r for r in rows if r["model"].startswith("echo")}
+    for model in sorted({r["model"] for r in rows if not r["model"].startswith("echo")}):
+        mine = [r for r in rows if r["model"] == model]
+        inproc = [r for r in mine if r["mode"].startswith("in-process")]
+        if not inproc:
+            continue
+        best = max(r["images_per_s"] for r in inproc)
+        batch1 = next((r for r in inproc if r["mode"] == "in-process batch 1"), None)
+        served = {r["clients"]: r for r in mine if r["mode"] == "single-image, batching on"}
+        line = [f"{model}: in-process best {best:.0f} img/s ({inproc[0].get('provider', '')})"]
+        if 64 in served:
+            line.append(f"64 clients single-image {served[64]['images_per_s']:.0f} img/s = "
+                        f"{100 * served[64]['images_per_s'] / best:.0f}% of in-process best")
+            if 64 in echo:
+                line.append(f"= {100 * served[64]['requests_per_s'] / echo[64]['requests_per_s']:.0f}% of echo ceiling")
+        if 1 in served and batch1:
+            line.append(f"p50 at 1 client {served[1]['p50_ms']:.2f} ms vs in-process batch-1 {batch1['p50_ms']:.2f} ms")
+        many = {r["mode"].split(" ", 1)[1]: r for r in mine if "-image " in r["mode"] and r["clients"] == 4}
+        cls = next((v for k, v in many.items() if k.startswith("Classify")), None)
+        cam = next((v for k, v in many.items() if k.startswith("Explain")), None)
+        if cls:
+            line.append(f"many-image requests {cls['images_per_s']:.0f} img/s = {100 * cls['images_per_s'] / best:.0f}% "
+                        "of in-process best")
+        if cls and cam:
+            line.append(f"CAM costs {100 * (cls['images_per_s'] / cam['images_per_s'] - 1):+.1f}% vs Classify")
+        out.append("; ".join(line))
+    return "\n".join(out)
+
+
+def main(args: argparse.Namespace) -> int:
+    rows = run_bench(args)
+    text = format_table(rows) + "\n\n" + summary(rows) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+        Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def add_subcommand(sub) -> None:
+    p = sub.add_parser("bench", help="throughput and latency table: in-process vs served")
+    p.add_argument("--models", default="small,resnet18,resnet50", help=f"comma list of {', '.join(MODELS)}")
+    p.add_argument("--concurrency", default="1,8,64,256")
+    p.add_argument("--batches", default="1,2,4,8,16,32,64,128,256")
+    p.add_argument("--many-images", type=int, default=64, help="images per request in the many-image rows")
+    p.add_argument("--seconds", type=float, default=4.0, help="duration of each measurement")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--work-dir", help="where exported models are cached")
+    p.add_argument("--out", help="also write the table here (and the rows as .json)")
+    p.set_defaults(func=main)
+
+

@@ -1,0 +1,174 @@
+"""The dynamic batcher alone: no gRPC, no onnxruntime."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from serving.batcher import DeadlineExceeded, DynamicBatcher, QueueFull
+
+
+class Recorder:
+    """execute() that echoes each unit doubled and records the batches it saw."""
+
+    def __init__(self, delay_s: float = 0.0, gate: threading.Event | None = None):
+        self.batches: list[list[list[int]]] = []
+        self.delay_s, self.gate = delay_s, gate
+
+    def __call__(self, payloads, instance):
+        if self.gate is not None:
+            self.gate.wait(5)
+        time.sleep(self.delay_s)
+        self.batches.append([list(p) for p in payloads])
+        return [[2 * x for x in p] for p in payloads]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_are_batched_and_answered_in_order():
+    rec = Recorder(delay_s=0.02)
+
+    async def main():
+        b = DynamicBatcher(rec, max_batch_size=8)
+        await b.start()
+        results = await asyncio.gather(*(b.submit([i]) for i in range(20)))
+        await b.stop()
+        return results, b.stats
+
+    results, stats = run(main())
+    assert results == [[2 * i] for i in range(20)]
+    assert max(sum(len(p) for p in batch) for batch in rec.batches) == 8
+    assert stats.executions < 20 and stats.units == 20
+
+
+def test_large_request_is_split_and_merged():
+    rec = Recorder()
+
+    async def main():
+        b = DynamicBatcher(rec, max_batch_size=4)
+        await b.start()
+        out = await b.submit(list(range(10)))
+        await b.stop()
+        return out
+
+    assert run(main()) == [2 * x for x in range(10)]
+    assert all(sum(len(p) for p in batch) <= 4 for batch in rec.batches)
+
+
+def test_queue_delay_waits_for_a_fuller_batch():
+    rec = Recorder()
+
+    async def main():
+        b = DynamicBatcher(rec, max_batch_size=4, max_queue_delay_s=0.2)
+        await b.start()
+        first = asyncio.create_task(b.submit([1]))
+        await asyncio.sleep(0.02)
+        rest = [asyncio.create_task(b.submit([i])) for i in (2, 3, 4)]
+        await asyncio.gather(first, *rest)
+        await b.stop()
+
+    run(main())
+    assert rec.batches[0] == [[1], [2], [3], [4]]  # one full batch, not four small ones
+
+
+def test_queue_full_is_rejected_at_once():
+    gate = threading.Event()
+    rec = Recorder(gate=gate)
+
+    async def main():
+        b = DynamicBatcher(rec, max_batch_size=1, max_queue_size=3)
+        await b.start()
+        running = asyncio.create_task(b.submit([0]))  # taken by the worker, blocked on the gate
+        await asyncio.sleep(0.05)
+        queued = [asyncio.create_task(b.submit([i])) for i in (1, 2, 3)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull):
+            await b.submit([4])
+        gate.set()
+        await asyncio.gather(running, *queued)
+        await b.stop()
+        return b.stats.rejected
+
+    assert run(main()) == 1
+
+
+def test_deadline_while_queued_and_cancel_frees_slot():
+    gate = threading.Event()
+    rec = Recorder(gate=gate)
+
+    async def main():
+        b = DynamicBatcher(rec, max_batch_size=1, max_queue_size=2)
+        await b.start()
+        running = asyncio.create_task(b.submit([0]))
+        await asyncio.sleep(0.05)
+        with pytest.raises(DeadlineExceeded):
+            await b.submit([1], timeout_s=0.05)
+        assert b.queued == 0  # the expired request left the queue
+        cancelled = asyncio.create_task(b.submit([2]))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        await asyncio.sleep(0.01)
+        assert b.queued == 0  # the cancelled caller freed its slot
+        gate.set()
+        await running
+        await b.stop()
+
+    run(main())
+    assert [b for batch in rec.batches for b in batch] == [[0]]  # neither dropped request ran
+
+
+def test_priority_levels_serve_urgent_first():
+    gate = threading.Event()
+    rec = Recorder(gate=gate)
+
+    async def main():
+        b = DynamicBatcher(rec, max_batch_size=1, priority_levels=2, default_priority=2)
+        await b.start()
+        first = asyncio.create_task(b.submit([0]))
+        await asyncio.sleep(0.05)
+        low = asyncio.create_task(b.submit([1]))
+        high = asyncio.create_task(b.submit([2], priority=1))
+        await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.gather(first, low, high)
+        await b.stop()
+
+    run(main())
+    assert [batch[0][0] for batch in rec.batches] == [0, 2, 1]
+
+
+def test_failures_reach_every_caller_of_the_batch():
+    def broken(payloads, instance):
+        raise RuntimeError("boom")
+
+    async def main():
+        b = DynamicBatcher(broken, max_batch_size=4)
+        await b.start()
+        outcomes = await asyncio.gather(*(b.submit([i]) for i in range(3)), return_exceptions=True)
+        await b.stop()
+        return outcomes
+
+    assert all(isinstance(o, RuntimeError) for o in run(main()))
+
+
+def test_overload_loses_no_request():
+    """1,000 concurrent requests against a queue of 64: each is answered, rejected or expired, none lost."""
+    rec = Recorder(delay_s=0.002)
+
+    async def main():
+        b = DynamicBatcher(rec, max_batch_size=8, max_queue_size=64)
+        await b.start()
+        outcomes = await asyncio.gather(*(b.submit([i], timeout_s=0.5) for i in range(1000)), return_exceptions=True)
+        await b.stop()
+        return outcomes
+
+    outcomes = run(main())
+    answered = [o for o in outcomes if isinstance(o, list)]
+    rejected = [o for o in outcomes if isinstance(o, QueueFull)]
+    expired = [o for o in outcomes if isinstance(o, DeadlineExceeded)]
+    assert len(answered) + len(rejected) + len(expired) == 1000
+    assert answered and rejected
+    assert sorted(x for a in answered for x in a) == sorted(2 * x for b in rec.batches for p in b for x in p)
