@@ -166,7 +166,7 @@ class DynamicBatcher:
                 results = await asyncio.gather(*(p.future for p in pending))
             else:
                 results = await asyncio.wait_for(asyncio.gather(*(p.future for p in pending)), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.stats.expired += 1
             raise DeadlineExceeded(f"{self.name}: deadline of {timeout_s * 1000:.0f} ms passed while queued") from None
         finally:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,6 @@ from pathlib import Path
 import numpy as np
 
 from ._proto.classifier.v1 import classifier_pb2 as pb
-from ._proto.classifier.v1 import classifier_pb2_grpc as pb_grpc
 
 MODELS = {  # name -> (architecture, channels, size, classes)
     "small": ("small_fmnist", 1, 28, 10),
@@ -59,9 +57,10 @@ def prepare_repository(models: list[str], work_dir: Path, max_batch_size: int) -
     return repo
 
 
-def bench_in_process(path: Path, shape: tuple[int, ...], batches: list[int], seconds: float, device: str) -> dict:
+def bench_in_process(path: Path, shape: tuple[int, ...], batches: list[int], seconds: float, device: str,
+                     tensorrt: bool = False) -> dict:
     from .runtime import OrtModel, RuntimeOptions
-    model = OrtModel(path, "input", ["logits"], 1, RuntimeOptions(device=device))
+    model = OrtModel(path, "input", ["logits"], 1, RuntimeOptions(device=device, tensorrt=tensorrt))
     out = {"provider": model.provider}
     for n in batches:
         x = np.random.rand(n, *shape).astype(np.float32)
@@ -175,14 +174,14 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     for name in models:
         arch, ch, size, _ = MODELS[name]
         inproc = bench_in_process(repo / name / "1" / "model.onnx", (ch, size, size), batches,
-                                  args.seconds / 2, args.device)
+                                  args.seconds / 2, args.device, args.tensorrt)
         best = max(batches, key=lambda n: inproc[n]["images_per_s"])
         for n in batches:
             report({"model": name, "mode": f"in-process batch {n}", "clients": 0, "requests_per_s": 0,
                     "images_per_s": inproc[n]["images_per_s"], "p50_ms": inproc[n]["p50_ms"], "p99_ms": 0,
                     "errors": 0, "provider": inproc["provider"], "best_batch": best})
         server_args = ["-m", "serving", "serve", "--model-repository", str(repo), "--port", "0",
-                       "--device", args.device, "--log-level", "WARNING"]
+                       "--device", args.device, "--log-level", "WARNING"] + (["--tensorrt"] if args.tensorrt else [])
         for batching in ("off", "on"):
             extra = ["--max-batch-size", "1"] if batching == "off" else ["--max-batch-size", str(max(batches))]
             proc, addr = start_process(server_args + extra)
@@ -264,6 +263,7 @@ def add_subcommand(sub) -> None:
     p.add_argument("--many-images", type=int, default=64, help="images per request in the many-image rows")
     p.add_argument("--seconds", type=float, default=4.0, help="duration of each measurement")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--tensorrt", action="store_true", help="TensorRT provider first (GPU)")
     p.add_argument("--work-dir", help="where exported models are cached")
     p.add_argument("--out", help="also write the table here (and the rows as .json)")
     p.set_defaults(func=main)

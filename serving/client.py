@@ -239,7 +239,10 @@ class AsyncClassifierClient:
         return _model_info(await self._call("GetModel", pb.GetModelRequest(model=model, version=version)))
 
     async def classify_stream(self, batches: AsyncIterator[tuple[str, Sequence[ImageLike]]] | Iterable,
-                              model: str = "", top_k: int = 5, window: int = 16) -> AsyncIterator:
+                              model: str = "", top_k: int = 5, window: int = 16,
+                              target_index: int | None = None) -> AsyncIterator:
+        """As ClassifierClient.classify_stream; `target_index` pins the stream to one target (one stream per
+        replica), otherwise targets are taken round robin. Closing the iterator cancels the call."""
         slots = asyncio.Semaphore(window)
 
         async def requests():
@@ -249,10 +252,13 @@ class AsyncClassifierClient:
                     request_id=request_id,
                     request=pb.ClassifyRequest(model=model, top_k=top_k, images=[to_wire_image(i) for i in images]))
 
-        call = self._stubs[next(self._next)].ClassifyStream(requests())
-        async for response in call:
-            slots.release()
-            yield response
+        call = self._stubs[next(self._next) if target_index is None else target_index].ClassifyStream(requests())
+        try:
+            async for response in call:
+                slots.release()
+                yield response
+        finally:
+            call.cancel()  # an abandoned iterator must not leave the stream (and its request feed) open
 
     async def close(self) -> None:
         for c in self._channels:

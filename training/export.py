@@ -22,8 +22,15 @@ import torch
 from torch import nn
 
 from serving._proto.inference import model_config_pb2 as mc
-from serving.model_config import (CAM_WEIGHTS_FILE, LABELS_FILE, METADATA_FILE, MODEL_FILE, Preprocessing,
-                                  list_versions, write_config)
+from serving.model_config import (
+    CAM_WEIGHTS_FILE,
+    LABELS_FILE,
+    METADATA_FILE,
+    MODEL_FILE,
+    Preprocessing,
+    list_versions,
+    write_config,
+)
 
 from .models import CamUnsupported, ImageClassifier, create_model, list_models
 

@@ -10,8 +10,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from serving.client import AsyncClassifierClient, ClassifierClient
-from training.models import create_model
 from tests.conftest import LABELS
+from training.models import create_model
 
 
 def png(array: np.ndarray, mode: str | None = None) -> bytes:

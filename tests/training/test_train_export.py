@@ -8,10 +8,10 @@ import pytest
 import torch
 from google.protobuf import text_format
 
+from tests.training.test_data import write_idx
 from training.export import PARITY_TOLERANCE, export_to_repository, parity_error
 from training.models import compute_cam, create_model
 from training.train import config_from_dict, load_checkpoint, train
-from tests.training.test_data import write_idx
 
 
 @pytest.fixture(scope="module")
