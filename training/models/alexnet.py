@@ -5,7 +5,10 @@ Networks"), in torchvision's single-tower form (64/192/384/256/256 channels, no 
 Small inputs (min(H, W) < 64, e.g. 28x28 Fashion-MNIST or 32x32 CIFAR) cannot survive the 11x11 stride-4
 stem and three stride-2 pools, so the stem becomes a 3x3 stride-1 convolution and the pools keep the paper's
 overlapping 3x3 stride-2 window with padding 1; the maps are 7x7 (28) or 8x8 (32) after conv5 and 4x4 after
-the last pool, and the fully connected layers are sized for that.
+the last pool, and the fully connected layers are sized for that. torchvision's adaptive average pool to 6x6
+is kept only where the maps are a multiple of 6 (identity at 224): ONNX cannot export non-integer adaptive
+windows, and the input size is fixed at construction anyway. fc_width (4096 in the paper) sets the size of
+fc6/fc7, which hold most of the parameters (33.6M of 35.9M at 28x28x1 with the default).
 
 head='gap' is the CAM variant of Zhou et al., 2016 ("Learning Deep Features for Discriminative
 Localization"): everything after conv5 is removed, a 3x3 convolution with 1024 channels is added, then
@@ -67,8 +70,7 @@ class AlexNet(ImageClassifier):
         h, w = conv_out(h, *pool), conv_out(w, *pool)
         pooling: list[nn.Module] = [nn.MaxPool2d(*pool)]
         if h % 6 == 0 and w % 6 == 0:
-            # torchvision's adaptive pool to 6x6 (identity at 224). Only where it is a plain average pool:
-            # ONNX cannot export non-integer adaptive windows, and the input size is fixed anyway.
+            # A plain average pool here (see the module docstring), so it exports to ONNX.
             pooling.append(nn.AdaptiveAvgPool2d((6, 6)))
             h = w = 6
         self.head = nn.Sequential(

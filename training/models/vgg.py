@@ -14,7 +14,8 @@ fewer parameters than torchvision's vgg16_bn.
 
 head='gap' is the CAM variant of Zhou et al., 2016 ("Learning Deep Features for Discriminative
 Localization"): pool5 and the fully connected layers are removed, a 3x3 convolution with 1024 channels is
-added after conv5_3, then global average pooling and one linear layer.
+added after conv5_3, then global average pooling and one linear layer. Its maps are 14x14 at 224 but only
+1x1 at 28x28 and 2x2 at 32x32 (four pools), so on those inputs the CAM carries little spatial detail.
 """
 
 from __future__ import annotations
