@@ -240,9 +240,9 @@ def load_image_folder(data_dir: str | os.PathLike, size: tuple[int, int], channe
 
 
 def load_dataset(name: str, data_dir: str | None = None, download: bool = False,
-                 size: tuple[int, int] = (28, 28), channels: int = 1) -> Dataset:
+                 size: tuple[int, int] = (28, 28), channels: int = 1, verify: bool = True) -> Dataset:
     if name in ("fashion-mnist", "mnist"):
-        return load_idx_dataset(name, data_dir, download)
+        return load_idx_dataset(name, data_dir, download, verify)
     if name == "cifar10":
         if not data_dir:
             raise DatasetError("cifar10 needs --data-dir pointing at cifar-10-batches-py")

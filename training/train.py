@@ -32,6 +32,7 @@ class TrainConfig:
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     download: bool = False
+    verify_checksums: bool = True           # SHA-256 of the official IDX files
     input_size: list[int] | None = None     # default: the dataset's own size
     channels: int | None = None             # default: the dataset's own channels
     val_fraction: float = 0.1
@@ -181,7 +182,7 @@ def train(cfg: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
 
     ds = datasets.load_dataset(cfg.dataset, cfg.data_dir, cfg.download,
-                               tuple(cfg.input_size or (28, 28)), cfg.channels or 1)
+                               tuple(cfg.input_size or (28, 28)), cfg.channels or 1, cfg.verify_checksums)
     channels = cfg.channels or ds.train.images.shape[-1]
     size = tuple(cfg.input_size or ds.train.images.shape[1:3])
     train_split, val_split = datasets.train_val_split(ds.train, cfg.val_fraction, cfg.seed)
@@ -216,7 +217,8 @@ def train(cfg: TrainConfig) -> dict:
     if is_main:
         print(f"{cfg.model}: {n_params:,} parameters; {n} train / {len(val_split.labels)} val images; "
               f"{world} process(es)")
-    started = time.time()
+    # Elapsed time carries over a resume, so train_time_s is the whole run's.
+    started = time.time() - (history[-1]["elapsed_s"] if history else 0.0)
     stale = 0
     for epoch in range(start_epoch, cfg.epochs):
         model.train()

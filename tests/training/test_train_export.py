@@ -14,10 +14,8 @@ from training.models import compute_cam, create_model
 from training.train import config_from_dict, load_checkpoint, train
 
 
-@pytest.fixture(scope="module")
-def tiny_fmnist(tmp_path_factory):
+def write_quadrant_idx(d):
     """A learnable toy problem in IDX form: the class is which image quadrant is bright."""
-    d = tmp_path_factory.mktemp("idx")
     rng = np.random.default_rng(0)
 
     def make(n):
@@ -36,9 +34,14 @@ def tiny_fmnist(tmp_path_factory):
     return d
 
 
-def test_training_learns_and_writes_artifacts(tiny_fmnist, tmp_path, monkeypatch):
-    monkeypatch.setitem(__import__("training.data").data.IDX_SHA256, "mnist", {})
+@pytest.fixture(scope="module")
+def tiny_fmnist(tmp_path_factory):
+    return write_quadrant_idx(tmp_path_factory.mktemp("idx"))
+
+
+def test_training_learns_and_writes_artifacts(tiny_fmnist, tmp_path):
     cfg = config_from_dict({"model": "small_fmnist", "dataset": "mnist", "data_dir": str(tiny_fmnist),
+                            "verify_checksums": False,
                             "epochs": 3, "batch_size": 32, "lr": 0.05, "warmup_epochs": 0, "out_dir": str(tmp_path / "run"),
                             "model_args": {"widths": [8, 8, 8, 8]}, "progress": False,
                             "augment": {"crop_padding": 1}})
