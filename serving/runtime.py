@@ -30,6 +30,7 @@ class RuntimeOptions:
 
 
 _preloaded = False
+_fallback_reported: dict[str, bool] = {}
 
 
 def _preload_cuda_libraries() -> None:
@@ -113,7 +114,8 @@ class OrtModel:
                 self.sessions.append(ort.InferenceSession(str(path), sess_options=so, providers=providers))
         self.provider = self.sessions[0].get_providers()[0]
         asked = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
-        if asked != self.provider:
+        if asked != self.provider and not _fallback_reported.get(asked):
+            _fallback_reported[asked] = True  # once per process, not once per model version
             log.warning("%s: %s is not usable here (CUDA/cuDNN libraries missing or no GPU); running on %s",
                         path, asked, self.provider)
         self.threads = threads

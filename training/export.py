@@ -197,7 +197,7 @@ def export_main(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
     if args.fp16 or args.quantize:
         from .quantize import export_reduced_precision
-        export_reduced_precision(path, args.fp16, args.quantize)
+        export_reduced_precision(path, args.fp16, args.quantize, args.data_dir)
 
 
 def _real_batch(model: ImageClassifier, data_dir: str | None) -> torch.Tensor:

@@ -99,3 +99,26 @@ def test_cam_equals_gradcam_up_to_relu_and_scale():
     bias = model.head.fc.bias[classes]
     torch.testing.assert_close(cam.mean(dim=(1, 2)) + bias, logits.gather(1, classes[:, None])[:, 0].detach(),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_reduced_precision_versions(tmp_path, monkeypatch):
+    from training import quantize
+
+    torch.manual_seed(0)
+    model = create_model("small_fmnist")
+    v1 = export_to_repository(model, [str(i) for i in range(10)], tmp_path, "net", "small_fmnist")
+    rng = np.random.default_rng(0)
+    images = rng.random((64, 1, 28, 28), dtype=np.float32)
+    sess = ort.InferenceSession(str(v1 / "model.onnx"), providers=["CPUExecutionProvider"])
+    labels = sess.run(["logits"], {"input": images})[0].argmax(1)  # fp32 predictions as the reference labels
+    monkeypatch.setattr(quantize, "_test_data", lambda data_dir, shape: (images, labels))
+    written = quantize.export_reduced_precision(v1, fp16=True, quantize="dynamic")
+    assert [p.name for p in written] == ["2", "3"]
+    for path, precision in zip(written, ("fp16", "int8-dynamic")):
+        meta = json.loads((path / "metadata.json").read_text())
+        assert meta["precision"] == precision and meta["derived_from_version"] == 1
+        assert meta["metrics"]["test_acc"] >= 0.8  # agreement with fp32 predictions
+        got = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+            ["logits"], {"input": images})[0]
+        assert got.dtype == np.float32 and got.shape == (64, 10)
+    assert (written[1] / "model.onnx").stat().st_size < (v1 / "model.onnx").stat().st_size / 2
