@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     p_export.add_argument("--version", type=int, help="version number (default: next free)")
     p_export.add_argument("--all", action="store_true", help="export every registered model (random weights "
                           "unless --checkpoint-dir has a trained one)")
+    p_export.add_argument("--models", help="with --all: only these (comma-separated registry names)")
     p_export.add_argument("--checkpoint-dir", help="with --all: use <dir>/<model>/checkpoint.pt when present")
     p_export.add_argument("--data-dir", help="Fashion-MNIST directory for the parity batch (real images)")
     p_export.add_argument("--max-batch-size", type=int, default=64)

@@ -174,7 +174,8 @@ def export_main(args: argparse.Namespace) -> None:
     repo = Path(args.repository)
     if args.all:
         ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
-        for arch in list_models():
+        chosen = args.models.split(",") if getattr(args, "models", None) else list_models()
+        for arch in chosen:
             ckpt = ckpt_dir / arch / "checkpoint.pt" if ckpt_dir else None
             if ckpt and ckpt.exists():
                 model, classes = load_checkpoint(ckpt)
