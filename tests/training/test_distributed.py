@@ -17,7 +17,8 @@ def test_torchrun_two_processes(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "training", "train", "model=small_fmnist", "dataset=mnist", "verify_checksums=false", f"data_dir={data}", "epochs=3",
+           "-m", "training", "train", "model=small_fmnist", "dataset=mnist", "verify_checksums=false",
+           f"data_dir={data}", "epochs=3",
            "batch_size=32", "lr=0.1", "warmup_epochs=0", f"out_dir={out}", "progress=false",
            "model_args={widths: [8, 8, 8, 8]}", "threads=1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -1,0 +1,94 @@
+"""Model management without restarts: broken versions, version policies, memory over load/unload cycles,
+message size limits."""
+
+import asyncio
+import shutil
+
+import grpc
+import numpy as np
+import pytest
+
+from serving.client import ClassifierClient
+from serving.model import InferenceRequest
+from serving.repository import READY, UNAVAILABLE, ModelRepository
+from tests.conftest import export_small, running_server
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def test_broken_new_version_is_reported_and_old_one_keeps_serving(tmp_path):
+    export_small(tmp_path)
+    with running_server(tmp_path) as server, ClassifierClient(server.address) as client:
+        image = np.zeros((28, 28), np.uint8)
+        (tmp_path / "fmnist" / "2").mkdir()
+        (tmp_path / "fmnist" / "2" / "model.onnx").write_bytes(b"this is not an onnx file")
+        server.call(server.server.repository.poll_once())
+        states = {(s.version, s.state) for s in server.server.repository.statuses("fmnist")}
+        assert (2, UNAVAILABLE) in states and (1, READY) in states
+        info = client.get_model("fmnist")
+        broken = [v for v in info.versions if v[0] == 2][0]
+        assert broken[1] == UNAVAILABLE and "Protobuf parsing failed" in broken[2], broken
+        assert client.classify([image])[0]  # version 1 still answers
+        # A version whose graph disagrees with config.pbtxt is refused the same way.
+        shutil.rmtree(tmp_path / "fmnist" / "2")
+        other = tmp_path / "other"
+        from training.export import export_to_repository
+        from training.models import create_model
+        export_to_repository(create_model("small_fmnist", in_channels=3, input_size=(32, 32)),
+                             [str(i) for i in range(10)], other, "fmnist", "small_fmnist", version=3)
+        shutil.copytree(other / "fmnist" / "3", tmp_path / "fmnist" / "3")
+        server.call(server.server.repository.poll_once())
+        status = {s.version: s for s in server.server.repository.statuses("fmnist")}
+        assert status[3].state == UNAVAILABLE and "does not match the config" in status[3].reason
+        assert client.list_models() == {"fmnist": [1]}
+
+
+def test_version_policy_all_and_specific(tmp_path):
+    export_small(tmp_path)
+    export_small(tmp_path, seed=1)
+    config = tmp_path / "fmnist" / "config.pbtxt"
+    text = config.read_text()
+    config.write_text(text.replace("latest {\n    num_versions: 1\n  }", "all {\n  }"))
+
+    async def ready_versions():
+        repo = ModelRepository(tmp_path)
+        await repo.load_all()
+        versions = repo.ready_versions("fmnist")
+        await repo.close()
+        return versions
+
+    assert asyncio.run(ready_versions()) == [2, 1]
+    config.write_text(text.replace("latest {\n    num_versions: 1\n  }", "specific {\n    versions: 1\n  }"))
+    assert asyncio.run(ready_versions()) == [1]
+
+
+def test_memory_is_released_over_load_unload_cycles(tmp_path):
+    export_small(tmp_path)
+
+    async def cycles(n):
+        repo = ModelRepository(tmp_path)
+        sizes = []
+        for _ in range(n):
+            await repo.load("fmnist")
+            result = await repo.get("fmnist").infer(InferenceRequest(np.zeros((4, 1, 28, 28), np.float32)))
+            assert result.logits.shape == (4, 10)
+            await repo.unload("fmnist")
+            sizes.append(rss_mb())
+        return sizes
+
+    sizes = asyncio.run(cycles(50))
+    growth = sizes[-1] - sizes[9]  # after the first cycles have warmed allocator pools
+    print(f"RSS over 50 load/unload cycles: {sizes[0]:.1f} -> {sizes[-1]:.1f} MB (growth after cycle 10: {growth:.1f} MB)")
+    assert growth < 20, sizes
+
+
+def test_message_size_limit_is_a_clear_error(tmp_path):
+    export_small(tmp_path)
+    with running_server(tmp_path, max_message_bytes=1 << 20) as server:
+        with ClassifierClient(server.address) as client, pytest.raises(grpc.RpcError) as err:
+            client.classify([np.zeros((28, 28), np.uint8)] * 2000)  # about 1.6 MB
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "larger than max" in err.value.details()
