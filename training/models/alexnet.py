@@ -19,11 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 from ._shapes import conv_out
-from .base import CamUnsupported, GapHead, ImageClassifier
+from .base import GapHead, ImageClassifier
 from .registry import register_model
 
 
@@ -33,6 +32,9 @@ def _conv(cin: int, cout: int, kernel: int, stride: int, padding: int, batch_nor
 
 
 class AlexNet(ImageClassifier):
+    classic_head_reason = ("with the classic head, fc6/fc7 with ReLU between them are nonlinear in the conv5 maps, "
+                           "so CAM is undefined; use alexnet_gap")
+
     def __init__(self, in_channels: int = 3, num_classes: int = 1000, input_size: Sequence[int] = (224, 224),
                  head: str = "classic", dropout: float | None = None, batch_norm: bool = False, fc_width: int = 4096,
                  gap_channels: int = 1024, **norm):
@@ -80,17 +82,6 @@ class AlexNet(ImageClassifier):
             nn.Linear(fc_width, num_classes),
         )
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(self.normalize(x))
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
-
-    def cam_weights(self) -> torch.Tensor:
-        if self.head_type != "gap":
-            raise CamUnsupported("AlexNet with the classic head: fc6/fc7 with ReLU between them are nonlinear in "
-                                 "the conv5 maps, so CAM is undefined; use alexnet_gap")
-        return self.head.cam_weights()
 
 
 @register_model("alexnet_gap", family="alexnet", head="gap")

@@ -39,14 +39,22 @@ class ImageClassifier(nn.Module):
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 
+    # Why a non-GAP head has no CAM; subclasses with a classic head say it in their own words.
+    classic_head_reason = "the head is not a linear map of the feature maps, so CAM is undefined"
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Default: a `features` stack over the normalised input."""
+        return self.features(self.normalize(x))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return self.head(features)
 
     def cam_weights(self) -> torch.Tensor:
-        raise CamUnsupported(f"{type(self).__name__} has no linear head over spatial feature maps")
+        """Default: a GapHead has CAM weights, any other head has none."""
+        head = getattr(self, "head", None)
+        if isinstance(head, GapHead):
+            return head.cam_weights()
+        raise CamUnsupported(f"{type(self).__name__}: {self.classic_head_reason}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -14,17 +14,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 from ._shapes import conv_out
-from .base import CamUnsupported, GapHead, ImageClassifier
+from .base import GapHead, ImageClassifier
 from .registry import register_model
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
 
 class LeNet5(ImageClassifier):
+    classic_head_reason = ("with the classic head, the fully connected layers F5/F6 are separated by nonlinearities, "
+                           "so the logits are not linear in the conv maps; use head='gap' (lenet5_gap) for CAM")
+
     def __init__(self, in_channels: int = 1, num_classes: int = 10, input_size: Sequence[int] = (32, 32),
                  activation: str = "tanh", head: str = "classic", batch_norm: bool = False,
                  dropout: float = 0.0, padding: int | None = None, **norm):
@@ -60,18 +62,6 @@ class LeNet5(ImageClassifier):
                 nn.Linear(84, num_classes),
             )
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(self.normalize(x))
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
-
-    def cam_weights(self) -> torch.Tensor:
-        if self.head_type != "gap":
-            raise CamUnsupported("LeNet-5 with the classic head: the fully connected layers F5/F6 are separated "
-                                 "by nonlinearities, so the logits are not linear in the conv maps; "
-                                 "use head='gap' (lenet5_gap) for CAM")
-        return self.head.cam_weights()
 
 
 @register_model("lenet5_gap", family="lenet", head="gap")

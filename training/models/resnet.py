@@ -163,11 +163,6 @@ class ResNet(ImageClassifier):
         x = self.stem(self.normalize(x))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
-
-    def cam_weights(self) -> torch.Tensor:
-        return self.head.cam_weights()
 
 
 class CifarResNet(ImageClassifier):
@@ -201,11 +196,6 @@ class CifarResNet(ImageClassifier):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(self.normalize(x)))
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
-
-    def cam_weights(self) -> torch.Tensor:
-        return self.head.cam_weights()
 
 
 @register_model("resnet18", family="resnet")

@@ -3,7 +3,6 @@ linear layer; about 94k parameters at 28x28x1 and 10 classes."""
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .base import GapHead, ImageClassifier, conv_bn_relu
@@ -25,14 +24,6 @@ class SmallNet(ImageClassifier):
         )
         self.head = GapHead(c4, num_classes, dropout)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(self.normalize(x))
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
-
-    def cam_weights(self) -> torch.Tensor:
-        return self.head.cam_weights()
 
 
 @register_model("small_fmnist", family="small")

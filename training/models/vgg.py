@@ -22,10 +22,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
-from .base import CamUnsupported, GapHead, ImageClassifier, conv_bn_relu
+from .base import GapHead, ImageClassifier, conv_bn_relu
 from .registry import register_model
 
 M = "M"  # 2x2 max-pool, stride 2
@@ -39,6 +38,9 @@ CONFIGS: dict[str, list[int | str]] = {
 
 
 class VGG(ImageClassifier):
+    classic_head_reason = ("with the classic head, fc6/fc7 with ReLU between them are nonlinear in the conv5 maps, "
+                           "so CAM is undefined; use head='gap' (e.g. vgg16_gap)")
+
     def __init__(self, config: str | Sequence[int | str] = "D", in_channels: int = 3, num_classes: int = 1000,
                  input_size: Sequence[int] = (224, 224), batch_norm: bool = False, head: str = "classic",
                  dropout: float | None = None, fc_width: int = 4096, gap_channels: int = 1024, **norm):
@@ -105,17 +107,6 @@ class VGG(ImageClassifier):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(self.normalize(x))
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
-
-    def cam_weights(self) -> torch.Tensor:
-        if self.head_type != "gap":
-            raise CamUnsupported("VGG with the classic head: fc6/fc7 with ReLU between them are nonlinear in the "
-                                 "conv5 maps, so CAM is undefined; use head='gap' (e.g. vgg16_gap)")
-        return self.head.cam_weights()
 
 
 @register_model("vgg11_gap", family="vgg", head="gap")
