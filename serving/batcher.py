@@ -56,6 +56,7 @@ class _Pending:
     enqueued: float
     deadline: float | None
     priority: int
+    taken: bool = False   # handed to a worker (no longer in a queue)
 
 
 def _concat_lists(parts: list) -> Any:
@@ -161,30 +162,37 @@ class DynamicBatcher:
         self._queued += len(pending)
         self.stats.requests += 1
         self._arrival.set()
+        # A timer, not wait_for: no extra task per request on the hot path.
+        timer = loop.call_later(timeout_s, self._expire, pending, timeout_s) if timeout_s else None
         try:
-            if deadline is None:
-                results = await asyncio.gather(*(p.future for p in pending))
-            else:
-                results = await asyncio.wait_for(asyncio.gather(*(p.future for p in pending)), timeout_s)
-        except TimeoutError:
-            self.stats.expired += 1
-            raise DeadlineExceeded(f"{self.name}: deadline of {timeout_s * 1000:.0f} ms passed while queued") from None
+            if len(pending) == 1:
+                return await pending[0].future
+            results = await asyncio.gather(*(p.future for p in pending))
         finally:
+            if timer is not None:
+                timer.cancel()
             self._forget(pending)
-        return results[0] if len(results) == 1 else self._merge(list(results))
+        return self._merge(list(results))
+
+    def _expire(self, pending: list[_Pending], timeout_s: float) -> None:
+        if any(not p.future.done() for p in pending):
+            self.stats.expired += 1
+        for p in pending:
+            if not p.future.done():
+                p.future.set_exception(DeadlineExceeded(
+                    f"{self.name}: deadline of {timeout_s * 1000:.0f} ms passed before the request was answered"))
 
     def _forget(self, pending: list[_Pending]) -> None:
-        """Remove requests that will never be awaited again (cancelled or timed out) from the queue."""
+        """Take requests nobody waits for any more (cancelled or expired) out of the queue at once."""
         for p in pending:
             if not p.future.done():
                 p.future.cancel()
-            q = self._queues[p.priority - 1]
-            if p.future.cancelled():
+            if not p.taken:
                 try:
-                    q.remove(p)
+                    self._queues[p.priority - 1].remove(p)
                     self._queued -= 1
                 except ValueError:
-                    pass  # already taken by a worker
+                    pass
 
     # -- scheduling ------------------------------------------------------------------------------------
     def _available_units(self) -> int:
@@ -226,12 +234,14 @@ class DynamicBatcher:
         for q in self._queues:  # highest priority (level 1) first, arrival order within a level
             while q:
                 p = q[0]
-                if p.future.done():  # cancelled by its caller
+                if p.future.done():  # cancelled by its caller, or expired
                     q.popleft()
+                    p.taken = True
                     self._queued -= 1
                     continue
                 if p.deadline is not None and p.deadline <= now:
                     q.popleft()
+                    p.taken = True
                     self._queued -= 1
                     self.stats.expired += 1
                     p.future.set_exception(DeadlineExceeded(f"{self.name}: deadline passed while queued"))
@@ -239,6 +249,7 @@ class DynamicBatcher:
                 if units + p.size > limit and batch:
                     return batch
                 q.popleft()
+                p.taken = True
                 self._queued -= 1
                 batch.append(p)
                 units += p.size
