@@ -18,11 +18,9 @@ import argparse
 import asyncio
 import collections
 import csv
-import gzip
 import io
 import json
 import re
-import struct
 import sys
 import time
 from collections.abc import Sequence
@@ -33,6 +31,8 @@ import grpc
 import numpy as np
 
 from .client import AsyncClassifierClient, ImageLike, ModelInfo
+from .idx import IdxError
+from .idx import read_idx as _read_idx
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 LIST_SUFFIXES = {".csv", ".tsv", ".txt", ".lst", ".list"}
@@ -50,23 +50,10 @@ class BatchError(RuntimeError):
 # -- inputs --------------------------------------------------------------------------------------------
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """An IDX file (LeCun's format, optionally gzipped): magic (0, 0, dtype, ndim), big-endian dims, data."""
-    raw = Path(path).read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in dtypes:
-        raise BatchError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise BatchError(f"{path}: IDX file truncated inside its header")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = np.dtype(dtypes[raw[2]])
-    if len(raw) - header != int(np.prod(shape)) * dtype.itemsize:
-        raise BatchError(f"{path}: IDX payload is {len(raw) - header} bytes, shape {list(shape)} needs "
-                         f"{int(np.prod(shape)) * dtype.itemsize}")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    try:
+        return _read_idx(path)
+    except IdxError as e:
+        raise BatchError(str(e)) from None
 
 
 @dataclass
@@ -539,27 +526,11 @@ def summarize(rows: list[dict], classes: list[str]) -> dict:
 
 def plot_confusion_matrix(cm: np.ndarray, classes: list[str], path: Path, title: str = "") -> Path | None:
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        from training.plots import plot_confusion_matrix as plot
     except ImportError:
         print("matplotlib is not installed: no confusion-matrix PNG (pip install matplotlib)", file=sys.stderr)
         return None
-    n = len(classes)
-    # Figure + Agg canvas rather than pyplot: no global backend or figure state in a library call.
-    fig = Figure(figsize=(1.0 + 0.6 * n, 0.8 + 0.6 * n))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
-    ax.set(xlabel="predicted", ylabel="true")
-    for i, j in zip(*np.nonzero(cm), strict=True):
-        ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
-                color="white" if rates[i, j] > 0.5 else "black")
-    ax.set_title(f"{title} accuracy {100 * np.trace(cm) / max(cm.sum(), 1):.2f}%".strip())
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    plot(cm, classes, path, title)
     return path
 
 

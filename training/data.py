@@ -11,12 +11,14 @@ import gzip
 import hashlib
 import os
 import pickle
-import struct
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from serving.idx import IdxError, read_maybe_gz
+from serving.idx import parse_idx as _parse_idx
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -80,27 +82,10 @@ class Dataset:
 
 
 def parse_idx(raw: bytes) -> np.ndarray:
-    """Decode an IDX file (LeCun's format): magic (0, 0, dtype, ndim), big-endian dims, then data."""
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise DatasetError("not an IDX file: bad magic number")
-    dtype_code, ndim = raw[2], raw[3]
-    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    if dtype_code not in dtypes:
-        raise DatasetError(f"IDX data type 0x{dtype_code:02x} is unknown")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DatasetError("IDX file truncated inside its header")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = np.dtype(dtypes[dtype_code])
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(raw) - header != expected:
-        raise DatasetError(f"IDX payload is {len(raw) - header} bytes, shape {shape} needs {expected}")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
-
-
-def _read_maybe_gz(path: Path) -> bytes:
-    data = path.read_bytes()
-    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+    try:
+        return _parse_idx(raw)
+    except IdxError as e:
+        raise DatasetError(str(e)) from None
 
 
 def find_idx_dir(dataset: str, data_dir: str | os.PathLike | None = None) -> Path:
@@ -130,7 +115,7 @@ def _locate(directory: Path, name: str) -> Path:
 
 
 def load_idx_file(directory: Path, name: str, dataset: str | None, verify: bool = True) -> np.ndarray:
-    raw = _read_maybe_gz(_locate(directory, name))
+    raw = read_maybe_gz(_locate(directory, name))
     expected = IDX_SHA256.get(dataset or "", {}).get(name)
     if verify and expected is not None:
         got = hashlib.sha256(raw).hexdigest()

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 
 def plot_learning_curves(history: list[dict], path: str | Path, title: str = "") -> None:
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for split, style in (("train", "-"), ("val", "--")):
         if f"{split}_loss" in history[0]:
             ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], style, label=split)
@@ -27,7 +27,6 @@ def plot_learning_curves(history: list[dict], path: str | Path, title: str = "")
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -38,19 +37,18 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 
 def plot_confusion_matrix(cm: np.ndarray, classes: list[str], path: str | Path, title: str = "") -> None:
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.6 * n))
+    # Figure + Agg canvas rather than pyplot: no global figure state, so library callers can use it too.
+    fig = Figure(figsize=(1.0 + 0.6 * n, 0.8 + 0.6 * n))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), classes, rotation=45, ha="right")
     ax.set_yticks(range(n), classes)
     ax.set(xlabel="predicted", ylabel="true")
-    for i in range(n):
-        for j in range(n):
-            if cm[i, j]:
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if rates[i, j] > 0.5 else "black")
-    acc = np.trace(cm) / max(cm.sum(), 1)
-    ax.set_title(f"{title} accuracy {100 * acc:.2f}%".strip())
+    for i, j in zip(*np.nonzero(cm)):
+        ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_title(f"{title} accuracy {100 * np.trace(cm) / max(cm.sum(), 1):.2f}%".strip())
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
