@@ -47,8 +47,11 @@ class _MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # built once per method, not once per call
 
     async def intercept_service(self, continuation, details):
+        if details.method in self._wrapped:
+            return self._wrapped[details.method]
         handler = await continuation(details)
         if handler is None or not handler.unary_unary:
             return handler
@@ -68,7 +71,9 @@ class _MetricsInterceptor(grpc.aio.ServerInterceptor):
                 gauge.dec()
                 metrics.rpcs.labels(method, code).inc()
 
-        return grpc.unary_unary_rpc_method_handler(wrapped, handler.request_deserializer, handler.response_serializer)
+        self._wrapped[details.method] = grpc.unary_unary_rpc_method_handler(
+            wrapped, handler.request_deserializer, handler.response_serializer)
+        return self._wrapped[details.method]
 
 
 class InferenceServer:
