@@ -45,6 +45,7 @@ class InferenceRequest:
 @dataclass
 class InferenceResult:
     logits: np.ndarray                     # [n, K]
+    probs: np.ndarray | None = None        # [n, K'] softmax (sigmoid pair for one-output models)
     cams: np.ndarray | None = None         # [n, H, W] in [0, 1]
     cam_classes: np.ndarray | None = None  # [n]
     inputs: np.ndarray | None = None       # [n, C, H, W]
@@ -54,7 +55,7 @@ class InferenceResult:
         def cat(name: str) -> np.ndarray | None:
             values = [getattr(p, name) for p in parts]
             return None if any(v is None for v in values) else np.concatenate(values)
-        return InferenceResult(cat("logits"), cat("cams"), cat("cam_classes"), cat("inputs"))
+        return InferenceResult(cat("logits"), cat("probs"), cat("cams"), cat("cam_classes"), cat("inputs"))
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
@@ -95,32 +96,37 @@ class ModelVersion:
         return await self.batcher.submit(request, priority=priority, timeout_s=timeout_s)
 
     def execute(self, batch: list[InferenceRequest], instance: int = 0) -> list[InferenceResult | Exception]:
-        """Worker-thread body: decode every request, run the model once, split the outputs back."""
+        """Worker-thread body: decode every request into one batch buffer, run the model once, split back."""
         pre = self.spec.preprocessing
-        inputs: list[np.ndarray | None] = []
-        results: list[InferenceResult | Exception | None] = []
-        for req in batch:
+        total = sum(len(req) for req in batch)
+        x = np.empty((total, pre.channels, pre.height, pre.width), np.float32)
+        results: list[InferenceResult | Exception | None] = [None] * len(batch)
+        rows: list[slice] = []
+        start = 0
+        for i, req in enumerate(batch):
+            sl = slice(start, start + len(req))
+            start += len(req)
+            rows.append(sl)
             try:
-                arr = req.images if isinstance(req.images, np.ndarray) else to_model_input(req.images, pre)
-                inputs.append(arr)
-                results.append(None)
-            except InvalidInput as e:  # only this request fails; the rest of the batch runs
-                inputs.append(None)
-                results.append(e)
-        ok = [i for i, x in enumerate(inputs) if x is not None]
+                if isinstance(req.images, np.ndarray):
+                    x[sl] = req.images
+                else:
+                    to_model_input(req.images, pre, out=x[sl])
+            except InvalidInput as e:  # only this request fails; its rows run as zeros, the rest as sent
+                results[i] = e
+                x[sl] = 0
+        ok = [i for i, r in enumerate(results) if r is None]
         if not ok:
             return results  # type: ignore[return-value]
-        x = inputs[ok[0]] if len(ok) == 1 else np.concatenate([inputs[i] for i in ok])
         want_cam = any(batch[i].cam for i in ok)
         names = [self.spec.logits_output] + ([self.spec.features_output] if want_cam else [])
         outs = self.runtime.run(x, names, instance=instance)
         logits, features = outs[0], (outs[1] if want_cam else None)
-        start = 0
+        probs = probabilities(logits)  # once per batch, off the event loop
         for i in ok:
-            n = len(inputs[i])
-            req, sl = batch[i], slice(start, start + n)
-            start += n
-            result = InferenceResult(logits[sl], inputs=inputs[i] if req.keep_inputs else None)
+            req, sl = batch[i], rows[i]
+            n = sl.stop - sl.start
+            result = InferenceResult(logits[sl], probs=probs[sl], inputs=x[sl] if req.keep_inputs else None)
             if req.cam:
                 classes = (np.full(n, req.cam_class, np.int64) if req.cam_class is not None
                            else logits[sl].argmax(1) if logits.shape[1] > 1 else (logits[sl, 0] > 0).astype(np.int64))

@@ -83,10 +83,13 @@ def _pixels_to_array(arr: np.ndarray, pre: Preprocessing) -> np.ndarray:
     return _pil_to_array(Image.fromarray(np.ascontiguousarray(arr[:, :, 0] if mode == "L" else arr), mode), pre)
 
 
-def to_model_input(images: list[bytes | RawTensor | np.ndarray], pre: Preprocessing) -> np.ndarray:
-    """Encoded images, raw tensors or ready arrays -> float32 [B, C, H, W] in [0, 1]."""
+def to_model_input(images: list[bytes | RawTensor | np.ndarray], pre: Preprocessing,
+                   out: np.ndarray | None = None) -> np.ndarray:
+    """Encoded images, raw tensors or ready arrays -> float32 [B, C, H, W] in [0, 1] (into `out` if given,
+    so a whole batch is decoded into one buffer)."""
     expected = (pre.channels, pre.height, pre.width)
-    out = np.empty((len(images), *expected), np.float32)
+    if out is None:
+        out = np.empty((len(images), *expected), np.float32)
     pixels = np.empty((len(images), pre.height, pre.width, pre.channels), np.uint8)
     is_pixels = np.zeros(len(images), bool)
     for i, item in enumerate(images):

@@ -10,7 +10,7 @@ import numpy as np
 from .._proto.classifier.v1 import classifier_pb2 as pb
 from .._proto.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from ..cam import overlay_png
-from ..model import InferenceRequest, ModelVersion, probabilities
+from ..model import InferenceRequest, ModelVersion
 from ..preprocess import InvalidInput, RawTensor, input_image_uint8
 from ..repository import ModelRepository
 from .errors import abort_with, remaining_time, status_of
@@ -67,9 +67,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         images = images_from_wire(request.images)
         mv = resolve_model(self.repo, request.model, request.version)
         result = await mv.infer(InferenceRequest(images), timeout_s=timeout_s)
-        probs = probabilities(result.logits)
         return pb.ClassifyResponse(model=mv.name, version=mv.version,
-                                   results=top_k_predictions(probs, mv.spec.labels, request.top_k or DEFAULT_TOP_K))
+                                   results=top_k_predictions(result.probs, mv.spec.labels, request.top_k or DEFAULT_TOP_K))
 
     async def Classify(self, request, context):
         try:
@@ -110,7 +109,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             target = request.target_class if request.HasField("target_class") else None
             result = await mv.infer(InferenceRequest(images, cam=True, cam_class=target, keep_inputs=request.overlay),
                                     timeout_s=remaining_time(context))
-            probs = probabilities(result.logits)
+            probs = result.probs
             overlays = await asyncio.to_thread(_overlays, result) if request.overlay else [b""] * len(images)
             h, w = result.cams.shape[1:]
             explanations = []
