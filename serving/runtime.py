@@ -26,6 +26,7 @@ class RuntimeOptions:
     trt_fp16: bool = True
     trt_cache_dir: str = ""
     intra_op_threads: int = 0        # 0 = cores / instances
+    spin_wait: bool = False          # let idle intra-op threads spin (lower latency, but steals CPU from gRPC)
     cuda_device_id: int = 0
 
 
@@ -107,6 +108,9 @@ class OrtModel:
             so.inter_op_num_threads = 1
             so.enable_cpu_mem_arena = True
             so.log_severity_level = 3
+            if not self.options.spin_wait:
+                # Spinning threads would compete for the same cores with the gRPC and event-loop threads.
+                so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             if len(providers) > 1:
                 with _quiet_fds():
                     self.sessions.append(ort.InferenceSession(str(path), sess_options=so, providers=providers))
