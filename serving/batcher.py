@@ -81,6 +81,7 @@ class DynamicBatcher:
         instances: int = 1,
         merge: Callable[[list[Any]], Any] = _concat_lists,
         observer: BatchObserver | None = None,
+        inline_max_units: int = 0,
         name: str = "batcher",
     ):
         if max_batch_size < 1:
@@ -95,6 +96,7 @@ class DynamicBatcher:
         self.instances = max(1, instances)
         self._merge = merge
         self._observer = observer
+        self.inline_max_units = inline_max_units  # batches up to this size run on the event loop itself
         self.name = name
         self.stats = BatchStats()
         self._queues: list[collections.deque[_Pending]] = [collections.deque() for _ in range(self.priority_levels)]
@@ -268,7 +270,12 @@ class DynamicBatcher:
             queue_times = [started - p.enqueued for p in batch]
             self.in_flight += len(batch)
             try:
-                results = await loop.run_in_executor(self._executor, self._execute, [p.payload for p in batch], index)
+                payloads = [p.payload for p in batch]
+                if units <= self.inline_max_units:
+                    # Cheap enough to run on the event loop: two thread hops would cost more than the work.
+                    results = self._execute(payloads, index)
+                else:
+                    results = await loop.run_in_executor(self._executor, self._execute, payloads, index)
                 if len(results) != len(batch):
                     raise RuntimeError(f"execute returned {len(results)} results for {len(batch)} requests")
             except Exception as e:  # the whole batch failed: every caller hears why

@@ -46,6 +46,7 @@ class InferenceRequest:
 class InferenceResult:
     logits: np.ndarray                     # [n, K]
     probs: np.ndarray | None = None        # [n, K'] softmax (sigmoid pair for one-output models)
+    ranking: np.ndarray | None = None      # [n, K'] class indices, most probable first
     cams: np.ndarray | None = None         # [n, H, W] in [0, 1]
     cam_classes: np.ndarray | None = None  # [n]
     inputs: np.ndarray | None = None       # [n, C, H, W]
@@ -55,7 +56,7 @@ class InferenceResult:
         def cat(name: str) -> np.ndarray | None:
             values = [getattr(p, name) for p in parts]
             return None if any(v is None for v in values) else np.concatenate(values)
-        return InferenceResult(cat("logits"), cat("probs"), cat("cams"), cat("cam_classes"), cat("inputs"))
+        return InferenceResult(cat("logits"), cat("probs"), cat("ranking"), cat("cams"), cat("cam_classes"), cat("inputs"))
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
@@ -123,10 +124,12 @@ class ModelVersion:
         outs = self.runtime.run(x, names, instance=instance)
         logits, features = outs[0], (outs[1] if want_cam else None)
         probs = probabilities(logits)  # once per batch, off the event loop
+        ranking = np.argsort(-probs, axis=1, kind="stable")
         for i in ok:
             req, sl = batch[i], rows[i]
             n = sl.stop - sl.start
-            result = InferenceResult(logits[sl], probs=probs[sl], inputs=x[sl] if req.keep_inputs else None)
+            result = InferenceResult(logits[sl], probs=probs[sl], ranking=ranking[sl],
+                                     inputs=x[sl] if req.keep_inputs else None)
             if req.cam:
                 classes = (np.full(n, req.cam_class, np.int64) if req.cam_class is not None
                            else logits[sl].argmax(1) if logits.shape[1] > 1 else (logits[sl, 0] > 0).astype(np.int64))
@@ -154,13 +157,35 @@ def load_version(spec: ModelSpec, version: int, options: RuntimeOptions | None =
     elif not reason:
         reason = "the repository has no CAM weights for this version"
     runtime.warm_up((pre.channels, pre.height, pre.width), b.max_batch_size)
+    inline_units = _inline_units(runtime, (pre.channels, pre.height, pre.width), b)
     mv = ModelVersion(spec, version, runtime, None, metadata, cam_weights, reason)  # type: ignore[arg-type]
     mv.batcher = DynamicBatcher(
         mv.execute, max_batch_size=b.max_batch_size, max_queue_delay_s=b.max_queue_delay_us / 1e6,
         preferred_batch_sizes=b.preferred_batch_sizes, max_queue_size=b.max_queue_size,
         priority_levels=b.priority_levels, default_priority=b.default_priority, instances=b.instances,
-        merge=InferenceResult.concat, observer=observer, name=f"{spec.name}:{version}")
+        merge=InferenceResult.concat, observer=observer, inline_max_units=inline_units, name=f"{spec.name}:{version}")
     return mv
+
+
+def _inline_units(runtime: OrtModel, shape: tuple[int, ...], b) -> int:
+    """How many images fit in the inline budget: batches that small run on the event loop, skipping the
+    hop to a worker thread and back (which costs more than a tiny model's whole run). One instance only:
+    several instances need the worker threads to overlap."""
+    if b.inline_budget_us <= 0 or b.instances > 1 or runtime.provider != "CPUExecutionProvider":
+        return 0
+    x = np.zeros((b.max_batch_size, *shape), np.float32)
+    runs = []
+    for n in (1, b.max_batch_size):
+        started = time.perf_counter()
+        for _ in range(3):
+            runtime.run(x[:n], [runtime.output_names[0]])
+        runs.append((time.perf_counter() - started) / 3)
+    one, full = runs
+    budget = b.inline_budget_us / 1e6
+    if one > budget:
+        return 0
+    per_image = max(full / b.max_batch_size, 1e-9)
+    return int(min(b.max_batch_size, max(1, budget / per_image)))
 
 
 def _check_shapes(runtime: OrtModel, spec: ModelSpec) -> None:

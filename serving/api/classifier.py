@@ -47,13 +47,14 @@ def images_from_wire(images) -> list[bytes | RawTensor]:
     return out
 
 
-def top_k_predictions(probs: np.ndarray, labels: list[str], k: int) -> list[pb.Classification]:
+def top_k_predictions(probs: np.ndarray, ranking: np.ndarray, labels: list[str], k: int) -> list[pb.Classification]:
+    """Top-k messages from the batch's own ranking (computed once per batch in the worker thread)."""
     k = min(k, probs.shape[1])
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    scores = np.take_along_axis(probs, order, axis=1)
-    return [pb.Classification(predictions=[pb.Prediction(index=int(i), label=labels[i], score=float(s))
-                                           for i, s in zip(row_idx, row_scores)])
-            for row_idx, row_scores in zip(order.tolist(), scores.tolist())]
+    top = ranking[:, :k]
+    scores = np.take_along_axis(probs, top, axis=1).tolist() if len(top) > 1 else [probs[0, top[0]].tolist()]
+    Prediction, Classification = pb.Prediction, pb.Classification
+    return [Classification(predictions=[Prediction(index=i, label=labels[i], score=s) for i, s in zip(row, row_scores)])
+            for row, row_scores in zip(top.tolist(), scores)]
 
 
 class ClassifierService(pb_grpc.ClassifierServicer):
@@ -68,7 +69,8 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         mv = resolve_model(self.repo, request.model, request.version)
         result = await mv.infer(InferenceRequest(images), timeout_s=timeout_s)
         return pb.ClassifyResponse(model=mv.name, version=mv.version,
-                                   results=top_k_predictions(result.probs, mv.spec.labels, request.top_k or DEFAULT_TOP_K))
+                                   results=top_k_predictions(result.probs, result.ranking, mv.spec.labels,
+                                                            request.top_k or DEFAULT_TOP_K))
 
     async def Classify(self, request, context):
         try:
