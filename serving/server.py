@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ._proto import _pool
 from ._proto.classifier.v1 import classifier_pb2, classifier_pb2_grpc
+from .api import kserve
 from .api.classifier import ClassifierService
 from .metrics import Metrics
 from .model_config import BatchingOptions
@@ -96,12 +97,8 @@ class InferenceServer:
         self.server = grpc.aio.server(options=limits, interceptors=[_MetricsInterceptor(self.metrics)])
         classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierService(self.repository), self.server)
         service_names = [classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name]
-        try:
-            from .api import kserve
-            kserve.register(self.server, self.repository, self)
-            service_names.append(kserve.SERVICE_NAME)
-        except ImportError:  # the KServe front end is optional at this layer
-            pass
+        kserve.register(self.server, self.repository, self)
+        service_names.append(kserve.SERVICE_NAME)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         service_names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(service_names, self.server, pool=_pool.POOL)
