@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -76,8 +77,9 @@ def bench_in_process(path: Path, shape: tuple[int, ...], batches: list[int], sec
     return out
 
 
-def start_process(args: list[str], timeout_s: float = 180) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+def start_process(args: list[str], timeout_s: float = 180, python: str = sys.executable,
+                  env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([python, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     end = time.time() + timeout_s
     while time.time() < end:
         line = proc.stdout.readline()
@@ -152,6 +154,42 @@ def _request(model: str, channels: int, size: int, n: int, explain: bool = False
     return msg.SerializeToString()
 
 
+def _kserve_request(model: str, channels: int, size: int) -> bytes:
+    from ._proto.inference import grpc_service_pb2 as kpb
+    x = np.random.default_rng(0).random((1, channels, size, size), dtype=np.float32)
+    return kpb.ModelInferRequest(
+        model_name=model, inputs=[kpb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=x.shape)],
+        outputs=[kpb.ModelInferRequest.InferRequestedOutputTensor(name="logits")], raw_input_contents=[x.tobytes()],
+    ).SerializeToString()
+
+
+def bench_against_pytriton(args, repo: Path, name: str, concurrency: list[int], max_batch: int, report) -> None:
+    """The same ONNX file, the same KServe ModelInfer bytes, the same client: ours against PyTriton's
+    dynamic batcher (Triton's own, in its bundled tritonserver)."""
+    import socket
+    _, ch, size, _ = MODELS[name]
+    payload = _kserve_request(name, ch, size)
+    method = "/inference.GRPCInferenceService/ModelInfer"
+    python = Path(args.pytriton_python)
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{python.resolve().parent.parent / 'lib'}:"
+           f"{Path(sys.base_prefix) / 'lib'}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = Path(__file__).resolve().parent.parent / "bench" / "pytriton_server.py"
+    servers = [("ours", ["-m", "serving", "serve", "--model-repository", str(repo), "--port", "0", "--log-level",
+                         "WARNING", "--max-batch-size", str(max_batch)], sys.executable, None),
+               ("pytriton", [str(script), str(repo / name), name, str(port), str(max_batch)], str(python), env)]
+    for label, cmd, exe, environment in servers:
+        proc, addr = start_process(cmd, python=exe, env=environment)
+        try:
+            for c in concurrency:
+                r = asyncio.run(drive(addr, method, payload, 1, c, args.seconds))
+                report({"model": name, "mode": f"{label}: KServe ModelInfer single-image", "clients": c, **vars(r)})
+        finally:
+            stop_process(proc)
+
+
 def run_bench(args: argparse.Namespace) -> list[dict]:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -203,6 +241,10 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
                             report({"model": name, "mode": label, "clients": c, **vars(r)})
             finally:
                 stop_process(proc)
+        if args.pytriton_python:
+            bench_against_pytriton(args, repo, name, concurrency, max(batches), report)
+    if not args.pytriton_python:
+        print("PyTriton: not compared (pass --pytriton-python with a Python that has nvidia-pytriton)", file=sys.stderr)
     return rows
 
 
@@ -273,6 +315,7 @@ def add_subcommand(sub) -> None:
     p.add_argument("--seconds", type=float, default=4.0, help="duration of each measurement")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--tensorrt", action="store_true", help="TensorRT provider first (GPU)")
+    p.add_argument("--pytriton-python", help="a Python with nvidia-pytriton and onnxruntime: adds PyTriton rows")
     p.add_argument("--server-args", default="", help="extra arguments for every served run, e.g. '--ort-spin'")
     p.add_argument("--work-dir", help="where exported models are cached")
     p.add_argument("--out", help="also write the table here (and the rows as .json)")
