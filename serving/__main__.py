@@ -119,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         from .server import serve
-        asyncio.run(serve(_server_options(args)))
+        try:
+            asyncio.run(serve(_server_options(args)))
+        except (OSError, RuntimeError) as e:  # a missing repository, a port in use: say so, no traceback
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     import grpc
     try:
