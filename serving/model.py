@@ -16,7 +16,7 @@ import numpy as np
 
 from . import cam as cam_ops
 from .batcher import DynamicBatcher
-from .model_config import CAM_WEIGHTS_FILE, MODEL_FILE, ModelSpec, read_metadata
+from .model_config import CAM_WEIGHTS_FILE, MODEL_FILE, BatchingOptions, ModelSpec, read_metadata
 from .preprocess import InvalidInput, to_model_input
 from .runtime import OrtModel, RuntimeOptions
 
@@ -167,24 +167,24 @@ def load_version(spec: ModelSpec, version: int, options: RuntimeOptions | None =
     return mv
 
 
-def _inline_units(runtime: OrtModel, shape: tuple[int, ...], b) -> int:
+def _inline_units(runtime: OrtModel, shape: tuple[int, ...], b: BatchingOptions) -> int:
     """How many images fit in the inline budget: batches that small run on the event loop, skipping the
     hop to a worker thread and back (which costs more than a tiny model's whole run). One instance only:
     several instances need the worker threads to overlap."""
     if b.inline_budget_us <= 0 or b.instances > 1 or runtime.provider != "CPUExecutionProvider":
         return 0
     x = np.zeros((b.max_batch_size, *shape), np.float32)
-    runs = []
-    for n in (1, b.max_batch_size):
+
+    def timed(n: int) -> float:
         started = time.perf_counter()
         for _ in range(3):
             runtime.run(x[:n], [runtime.output_names[0]])
-        runs.append((time.perf_counter() - started) / 3)
-    one, full = runs
+        return (time.perf_counter() - started) / 3
+
     budget = b.inline_budget_us / 1e6
-    if one > budget:
+    if timed(1) > budget:  # most models stop here, after three single-image runs
         return 0
-    per_image = max(full / b.max_batch_size, 1e-9)
+    per_image = max(timed(b.max_batch_size) / b.max_batch_size, 1e-9)
     return int(min(b.max_batch_size, max(1, budget / per_image)))
 
 
