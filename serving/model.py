@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -206,6 +205,3 @@ def _check_shapes(runtime: OrtModel, spec: ModelSpec) -> None:
     if isinstance(classes, int) and classes != spec.num_classes and not (classes == 1 and spec.num_classes == 2):
         raise ValueError(f"model gives {classes} logits but labels.txt lists {spec.num_classes} classes")
 
-
-def model_file(spec: ModelSpec, version: int) -> Path:
-    return spec.directory / str(version) / MODEL_FILE
