@@ -21,7 +21,7 @@ import numpy as np
 
 from .._proto.inference import grpc_service_pb2 as pb
 from .._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from ..model import InferenceRequest, InferenceResult, ModelVersion, probabilities
+from ..model import InferenceRequest, InferenceResult, ModelVersion
 from ..model_config import ModelSpec
 from ..preprocess import InvalidInput
 from ..repository import READY, UNAVAILABLE, ModelNotFound, ModelNotReady, ModelRepository
@@ -214,7 +214,7 @@ def build_response(request: pb.ModelInferRequest, mv: ModelVersion, result: Infe
         if o.name == CAM:
             values = result.cams
         elif o.name == PROBABILITIES:
-            values = probabilities(result.logits)
+            values = result.probs  # computed once per batch in the worker thread
         else:
             values = result.logits
         tensor = response.outputs.add(name=o.name)
