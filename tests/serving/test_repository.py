@@ -80,9 +80,13 @@ def test_memory_is_released_over_load_unload_cycles(tmp_path):
         return sizes
 
     sizes = asyncio.run(cycles(50))
-    growth = sizes[-1] - sizes[9]  # after the first cycles have warmed allocator pools
-    print(f"RSS over 50 load/unload cycles: {sizes[0]:.1f} -> {sizes[-1]:.1f} MB (growth after cycle 10: {growth:.1f} MB)")
-    assert growth < 20, sizes
+    # glibc grows RSS in steps of several MB as allocator arenas warm up and then plateaus; a leaked
+    # version (sessions, arena, weights: about 20 MB each here, 650 MB over these 30 cycles when the
+    # sessions are kept alive on purpose) would add that much on every cycle instead.
+    held = sizes[-1] - sizes[19]
+    print(f"RSS over 50 load/unload cycles: {sizes[0]:.1f} -> {sizes[-1]:.1f} MB "
+          f"(cycles 20-50: {held:+.1f} MB): {[round(s) for s in sizes]}")
+    assert held < 40, sizes
 
 
 def test_message_size_limit_is_a_clear_error(tmp_path):
