@@ -125,6 +125,7 @@ class DynamicBatcher:
         for q in self._queues:
             while q:
                 p = q.popleft()
+                p.taken = True
                 if not p.future.done():
                     p.future.set_exception(BatcherStopped(f"{self.name} is shutting down"))
         self._queued = 0
@@ -194,7 +195,7 @@ class DynamicBatcher:
                     self._queues[p.priority - 1].remove(p)
                     self._queued -= 1
                 except ValueError:
-                    pass
+                    pass  # already gone from the queue
 
     # -- scheduling ------------------------------------------------------------------------------------
     def _available_units(self) -> int:

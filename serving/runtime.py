@@ -31,7 +31,7 @@ class RuntimeOptions:
 
 
 _preloaded = False
-_fallback_reported: dict[str, bool] = {}
+_fallback_reported: set[str] = set()  # providers whose fallback was logged (once per process)
 
 
 def _preload_cuda_libraries() -> None:
@@ -118,8 +118,8 @@ class OrtModel:
                 self.sessions.append(ort.InferenceSession(str(path), sess_options=so, providers=providers))
         self.provider = self.sessions[0].get_providers()[0]
         asked = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
-        if asked != self.provider and not _fallback_reported.get(asked):
-            _fallback_reported[asked] = True  # once per process, not once per model version
+        if asked != self.provider and asked not in _fallback_reported:
+            _fallback_reported.add(asked)
             log.warning("%s: %s is not usable here (CUDA/cuDNN libraries missing or no GPU); running on %s",
                         path, asked, self.provider)
         self.threads = threads
