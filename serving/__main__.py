@@ -28,6 +28,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue-delay-us", type=int, help="override every model's max_queue_delay_microseconds")
     p.add_argument("--instances", type=int, help="override every model's instance count")
     p.add_argument("--max-queue-size", type=int, help="override every model's queue bound")
+    p.add_argument("--inline-budget-us", type=int, help="run batches predicted to take less than this on the "
+                   "event loop itself, skipping the thread hop (CPU only; 0 = never; default 1000)")
     p.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message accepted")
     p.add_argument("--log-level", default="INFO")
 
@@ -36,7 +38,8 @@ def _server_options(args: argparse.Namespace):
     from .runtime import RuntimeOptions
     from .server import ServerOptions
     overrides = {k: v for k, v in {"max_batch_size": args.max_batch_size, "max_queue_delay_us": args.max_queue_delay_us,
-                                   "instances": args.instances, "max_queue_size": args.max_queue_size}.items()
+                                   "instances": args.instances, "max_queue_size": args.max_queue_size,
+                                   "inline_budget_us": args.inline_budget_us}.items()
                  if v is not None}
     return ServerOptions(
         repository=args.model_repository, host=args.host, port=args.port, metrics_port=args.metrics_port,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -82,6 +83,7 @@ class DynamicBatcher:
         merge: Callable[[list[Any]], Any] = _concat_lists,
         observer: BatchObserver | None = None,
         inline_max_units: int = 0,
+        inline_quiet_s: float = 0.0,
         name: str = "batcher",
     ):
         if max_batch_size < 1:
@@ -96,7 +98,13 @@ class DynamicBatcher:
         self.instances = max(1, instances)
         self._merge = merge
         self._observer = observer
-        self.inline_max_units = inline_max_units  # batches up to this size run on the event loop itself
+        # Batches up to inline_max_units run on the event loop itself, but only while requests arrive
+        # further apart than inline_quiet_s (about one execution): under load the loop must keep reading
+        # requests, or it would see them one at a time and keep running tiny batches.
+        self.inline_max_units = inline_max_units
+        self.inline_quiet_s = inline_quiet_s
+        self._last_arrival = 0.0
+        self._quiet = False
         self.name = name
         self.stats = BatchStats()
         self._queues: list[collections.deque[_Pending]] = [collections.deque() for _ in range(self.priority_levels)]
@@ -107,6 +115,8 @@ class DynamicBatcher:
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
         self.in_flight = 0
+        self._sweep_timer: asyncio.TimerHandle | None = None
+        self._sweep_at = math.inf
 
     # -- lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -129,6 +139,8 @@ class DynamicBatcher:
                 if not p.future.done():
                     p.future.set_exception(BatcherStopped(f"{self.name} is shutting down"))
         self._queued = 0
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
         for w in self._workers:
             w.cancel()
         for w in self._workers:
@@ -152,7 +164,8 @@ class DynamicBatcher:
         level = self.default_priority if not priority else priority
         if not 1 <= level <= self.priority_levels:
             raise ValueError(f"priority {priority} is outside 1..{self.priority_levels}")
-        chunks = [payload[i:i + self.max_batch_size] for i in range(0, size, self.max_batch_size)]
+        limit = self.max_batch_size
+        chunks = [payload] if size <= limit else [payload[i:i + limit] for i in range(0, size, limit)]
         if self._queued + len(chunks) > self.max_queue_size:
             self.stats.rejected += 1
             raise QueueFull(f"{self.name}: queue is full ({self._queued} of {self.max_queue_size} requests waiting)")
@@ -160,42 +173,67 @@ class DynamicBatcher:
         now = time.monotonic()
         deadline = now + timeout_s if timeout_s else None
         pending = [_Pending(c, len(c), loop.create_future(), now, deadline, level) for c in chunks]
-        for p in pending:
-            self._queues[level - 1].append(p)
+        self._queues[level - 1].extend(pending)
         self._queued += len(pending)
         self.stats.requests += 1
+        self._quiet, self._last_arrival = now - self._last_arrival > self.inline_quiet_s, now
         self._arrival.set()
-        # A timer, not wait_for: no extra task per request on the hot path.
-        timer = loop.call_later(timeout_s, self._expire, pending, timeout_s) if timeout_s else None
+        if deadline is not None and deadline < self._sweep_at:
+            self._arm_sweep(loop, deadline)
         try:
             if len(pending) == 1:
                 return await pending[0].future
             results = await asyncio.gather(*(p.future for p in pending))
         finally:
-            if timer is not None:
-                timer.cancel()
             self._forget(pending)
         return self._merge(list(results))
 
-    def _expire(self, pending: list[_Pending], timeout_s: float) -> None:
-        if any(not p.future.done() for p in pending):
-            self.stats.expired += 1
-        for p in pending:
-            if not p.future.done():
-                p.future.set_exception(DeadlineExceeded(
-                    f"{self.name}: deadline of {timeout_s * 1000:.0f} ms passed before the request was answered"))
+    def _arm_sweep(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        """One timer per batcher, at the earliest deadline in the queue: callers usually share a timeout,
+        so deadlines arrive in order and most requests arm nothing (a timer per request costs more)."""
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+        self._sweep_at = at
+        self._sweep_timer = loop.call_later(max(0.0, at - time.monotonic()), self._sweep_expired)
+
+    def _sweep_expired(self) -> None:
+        """Answer DeadlineExceeded to every queued request past its deadline; re-arm for the next one."""
+        self._sweep_timer, self._sweep_at = None, math.inf
+        now, earliest = time.monotonic(), math.inf
+        for q in self._queues:
+            keep = []
+            for p in q:
+                if p.deadline is not None and p.deadline <= now:
+                    self._drop_expired(p, "deadline passed while queued")
+                    continue
+                keep.append(p)
+                if p.deadline is not None:
+                    earliest = min(earliest, p.deadline)
+            if len(keep) != len(q):
+                q.clear()
+                q.extend(keep)
+        if earliest < math.inf:
+            self._arm_sweep(asyncio.get_running_loop(), earliest)
+
+    def _drop_expired(self, p: _Pending, why: str) -> None:
+        p.taken = True
+        self._queued -= 1
+        self.stats.expired += 1
+        if not p.future.done():
+            p.future.set_exception(DeadlineExceeded(f"{self.name}: {why}"))
 
     def _forget(self, pending: list[_Pending]) -> None:
-        """Take requests nobody waits for any more (cancelled or expired) out of the queue at once."""
+        """Take requests nobody waits for any more (cancelled, or a sibling chunk failed) out of the queue."""
         for p in pending:
-            if not p.future.done():
-                p.future.cancel()
-            if not p.taken:
-                try:
-                    self._queues[p.priority - 1].remove(p)
-                    self._queued -= 1
-                except ValueError:
-                    pass  # already gone from the queue
+            p.future.cancel()  # no-op once answered; a taken chunk still running is then skipped
+            if p.taken:
+                continue
+            try:
+                self._queues[p.priority - 1].remove(p)
+                self._queued -= 1
+                p.taken = True
+            except ValueError:
+                pass  # already gone from the queue
 
     # -- scheduling ------------------------------------------------------------------------------------
     def _available_units(self) -> int:
@@ -244,10 +282,7 @@ class DynamicBatcher:
                     continue
                 if p.deadline is not None and p.deadline <= now:
                     q.popleft()
-                    p.taken = True
-                    self._queued -= 1
-                    self.stats.expired += 1
-                    p.future.set_exception(DeadlineExceeded(f"{self.name}: deadline passed while queued"))
+                    self._drop_expired(p, "deadline passed while queued")
                     continue
                 if units + p.size > limit and batch:
                     return batch
@@ -272,7 +307,7 @@ class DynamicBatcher:
             self.in_flight += len(batch)
             try:
                 payloads = [p.payload for p in batch]
-                if units <= self.inline_max_units:
+                if units <= self.inline_max_units and self._quiet:
                     # Cheap enough to run on the event loop: two thread hops would cost more than the work.
                     results = self._execute(payloads, index)
                 else:

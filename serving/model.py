@@ -46,6 +46,7 @@ class InferenceResult:
     logits: np.ndarray                     # [n, K]
     probs: np.ndarray | None = None        # [n, K'] softmax (sigmoid pair for one-output models)
     ranking: np.ndarray | None = None      # [n, K'] class indices, most probable first
+    ranked_probs: np.ndarray | None = None  # [n, K'] probabilities in ranking order
     cams: np.ndarray | None = None         # [n, H, W] in [0, 1]
     cam_classes: np.ndarray | None = None  # [n]
     inputs: np.ndarray | None = None       # [n, C, H, W]
@@ -55,7 +56,8 @@ class InferenceResult:
         def cat(name: str) -> np.ndarray | None:
             values = [getattr(p, name) for p in parts]
             return None if any(v is None for v in values) else np.concatenate(values)
-        return InferenceResult(cat("logits"), cat("probs"), cat("ranking"), cat("cams"), cat("cam_classes"), cat("inputs"))
+        return InferenceResult(cat("logits"), cat("probs"), cat("ranking"), cat("ranked_probs"),
+                               cat("cams"), cat("cam_classes"), cat("inputs"))
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
@@ -98,23 +100,12 @@ class ModelVersion:
     def execute(self, batch: list[InferenceRequest], instance: int = 0) -> list[InferenceResult | Exception]:
         """Worker-thread body: decode every request into one batch buffer, run the model once, split back."""
         pre = self.spec.preprocessing
-        total = sum(len(req) for req in batch)
-        x = np.empty((total, pre.channels, pre.height, pre.width), np.float32)
-        results: list[InferenceResult | Exception | None] = [None] * len(batch)
-        rows: list[slice] = []
-        start = 0
-        for i, req in enumerate(batch):
-            sl = slice(start, start + len(req))
+        rows, start = [], 0
+        for req in batch:
+            rows.append(slice(start, start + len(req)))
             start += len(req)
-            rows.append(sl)
-            try:
-                if isinstance(req.images, np.ndarray):
-                    x[sl] = req.images
-                else:
-                    to_model_input(req.images, pre, out=x[sl])
-            except InvalidInput as e:  # only this request fails; its rows run as zeros, the rest as sent
-                results[i] = e
-                x[sl] = 0
+        x = np.empty((start, pre.channels, pre.height, pre.width), np.float32)
+        results: list[InferenceResult | Exception | None] = list(_decode_batch(batch, rows, x, pre))
         ok = [i for i, r in enumerate(results) if r is None]
         if not ok:
             return results  # type: ignore[return-value]
@@ -122,14 +113,16 @@ class ModelVersion:
         names = [self.spec.logits_output] + ([self.spec.features_output] if want_cam else [])
         outs = self.runtime.run(x, names, instance=instance)
         logits, features = outs[0], (outs[1] if want_cam else None)
-        probs = probabilities(logits)  # once per batch, off the event loop
+        # Softmax and ranking once per batch, here off the event loop, so answering costs a slice per request.
+        probs = probabilities(logits)
         ranking = np.argsort(-probs, axis=1, kind="stable")
+        ranked = np.take_along_axis(probs, ranking, axis=1)
         for i in ok:
             req, sl = batch[i], rows[i]
-            n = sl.stop - sl.start
-            result = InferenceResult(logits[sl], probs=probs[sl], ranking=ranking[sl],
+            result = InferenceResult(logits[sl], probs=probs[sl], ranking=ranking[sl], ranked_probs=ranked[sl],
                                      inputs=x[sl] if req.keep_inputs else None)
             if req.cam:
+                n = sl.stop - sl.start
                 classes = (np.full(n, req.cam_class, np.int64) if req.cam_class is not None
                            else logits[sl].argmax(1) if logits.shape[1] > 1 else (logits[sl, 0] > 0).astype(np.int64))
                 weight_rows = np.minimum(classes, len(self.cam_weights) - 1)  # binary models: one weight row
@@ -138,6 +131,30 @@ class ModelVersion:
                 result.cam_classes = classes
             results[i] = result
         return results  # type: ignore[return-value]
+
+
+def _decode_batch(batch: list[InferenceRequest], rows: list[slice], x: np.ndarray,
+                  pre) -> list[InvalidInput | None]:
+    """Decode every request into its rows of x; a request with bad input gets its error (its rows are
+    zeros) and the others run as sent. The whole batch is first tried in one call, which takes the
+    vectorised path when every image is uint8 pixels at the model size (the common wire form)."""
+    errors: list[InvalidInput | None] = [None] * len(batch)
+    if len(batch) > 1 and not any(isinstance(req.images, np.ndarray) for req in batch):
+        try:
+            to_model_input([img for req in batch for img in req.images], pre, out=x)
+            return errors
+        except InvalidInput:
+            pass  # some request is at fault: decode one by one to find which
+    for i, (req, sl) in enumerate(zip(batch, rows)):
+        try:
+            if isinstance(req.images, np.ndarray):
+                x[sl] = req.images
+            else:
+                to_model_input(req.images, pre, out=x[sl])
+        except InvalidInput as e:
+            errors[i] = e
+            x[sl] = 0
+    return errors
 
 
 def load_version(spec: ModelSpec, version: int, options: RuntimeOptions | None = None,
@@ -156,35 +173,40 @@ def load_version(spec: ModelSpec, version: int, options: RuntimeOptions | None =
     elif not reason:
         reason = "the repository has no CAM weights for this version"
     runtime.warm_up((pre.channels, pre.height, pre.width), b.max_batch_size)
-    inline_units = _inline_units(runtime, (pre.channels, pre.height, pre.width), b)
+    inline_units, inline_quiet_s = _inline_units(runtime, (pre.channels, pre.height, pre.width), b)
     mv = ModelVersion(spec, version, runtime, None, metadata, cam_weights, reason)  # type: ignore[arg-type]
     mv.batcher = DynamicBatcher(
         mv.execute, max_batch_size=b.max_batch_size, max_queue_delay_s=b.max_queue_delay_us / 1e6,
         preferred_batch_sizes=b.preferred_batch_sizes, max_queue_size=b.max_queue_size,
         priority_levels=b.priority_levels, default_priority=b.default_priority, instances=b.instances,
-        merge=InferenceResult.concat, observer=observer, inline_max_units=inline_units, name=f"{spec.name}:{version}")
+        merge=InferenceResult.concat, observer=observer, inline_max_units=inline_units,
+        inline_quiet_s=inline_quiet_s, name=f"{spec.name}:{version}")
     return mv
 
 
-def _inline_units(runtime: OrtModel, shape: tuple[int, ...], b: BatchingOptions) -> int:
-    """How many images fit in the inline budget: batches that small run on the event loop, skipping the
-    hop to a worker thread and back (which costs more than a tiny model's whole run). One instance only:
-    several instances need the worker threads to overlap."""
+def _inline_units(runtime: OrtModel, shape: tuple[int, ...], b: BatchingOptions) -> tuple[int, float]:
+    """How many images fit in the inline budget, and one single-image run's time: batches that small run
+    on the event loop when requests arrive further apart than that, skipping the hop to a worker thread
+    and back (which costs more than a tiny model's whole run). One instance only: several instances need
+    the worker threads to overlap."""
     if b.inline_budget_us <= 0 or b.instances > 1 or runtime.provider != "CPUExecutionProvider":
-        return 0
+        return 0, 0.0
     x = np.zeros((b.max_batch_size, *shape), np.float32)
 
-    def timed(n: int) -> float:
-        started = time.perf_counter()
-        for _ in range(3):
+    def timed(n: int, repeats: int) -> float:  # the median: one slow run must not decide
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
             runtime.run(x[:n], [runtime.output_names[0]])
-        return (time.perf_counter() - started) / 3
+            times.append(time.perf_counter() - started)
+        return float(np.median(times))
 
     budget = b.inline_budget_us / 1e6
-    if timed(1) > budget:  # most models stop here, after three single-image runs
-        return 0
-    per_image = max(timed(b.max_batch_size) / b.max_batch_size, 1e-9)
-    return int(min(b.max_batch_size, max(1, budget / per_image)))
+    single = timed(1, 1)
+    if single > 10 * budget or (single := timed(1, 7)) > budget:  # most models stop here
+        return 0, 0.0
+    per_image = max(timed(b.max_batch_size, 3) / b.max_batch_size, 1e-9)
+    return int(min(b.max_batch_size, max(1, budget / per_image))), single
 
 
 def _check_shapes(runtime: OrtModel, spec: ModelSpec) -> None:

@@ -61,7 +61,7 @@ class BatchingOptions:
     default_priority: int = 1
     default_timeout_us: int = 0
     instances: int = 1
-    inline_budget_us: int = 500   # batches predicted to run within this run on the event loop (0 = never)
+    inline_budget_us: int = 1000  # batches predicted to run within this run on the event loop (0 = never)
 
 
 @dataclass

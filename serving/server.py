@@ -43,38 +43,54 @@ class ServerOptions:
     batching_overrides: dict = field(default_factory=dict)
 
 
-class _MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts every unary call by method and status code, and the calls in flight."""
+def _counted(handler: grpc.RpcMethodHandler, method: str, metrics: Metrics) -> grpc.RpcMethodHandler:
+    """The handler, counting its unary calls by status code and the calls in flight."""
+    if not handler.unary_unary:
+        return handler
+    inner, gauge = handler.unary_unary, metrics.in_flight.labels(method)
 
-    def __init__(self, metrics: Metrics):
-        self.metrics = metrics
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # built once per method, not once per call
+    async def counted(request, context):
+        gauge.inc()
+        code = "OK"
+        try:
+            return await inner(request, context)
+        except BaseException:
+            code = context.code().name if context.code() else "UNKNOWN"
+            raise
+        finally:
+            gauge.dec()
+            metrics.rpcs.labels(method, code).inc()
 
-    async def intercept_service(self, continuation, details):
-        if details.method in self._wrapped:
-            return self._wrapped[details.method]
-        handler = await continuation(details)
-        if handler is None or not handler.unary_unary:
-            return handler
-        method = details.method.rsplit("/", 1)[-1]
-        inner, metrics = handler.unary_unary, self.metrics
+    return handler._replace(unary_unary=counted)
 
-        async def wrapped(request, context):
-            gauge = metrics.in_flight.labels(method)
-            gauge.inc()
-            code = "OK"
-            try:
-                return await inner(request, context)
-            except BaseException:
-                code = context.code().name if context.code() else "UNKNOWN"
-                raise
-            finally:
-                gauge.dec()
-                metrics.rpcs.labels(method, code).inc()
 
-        self._wrapped[details.method] = grpc.unary_unary_rpc_method_handler(
-            wrapped, handler.request_deserializer, handler.response_serializer)
-        return self._wrapped[details.method]
+class _CountingRegistrar:
+    """Stands in for the server while generated `add_*Servicer_to_server` functions register a service, and
+    wraps each method handler once. (A server interceptor would do the same work around every call, at
+    about 80 µs of CPU per request here: a tenth of the whole per-request cost.)"""
+
+    def __init__(self, server: grpc.aio.Server, metrics: Metrics):
+        self.server, self.metrics = server, metrics
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.server.add_registered_method_handlers(
+            service, {name: _counted(h, name, self.metrics) for name, h in handlers.items()})
+
+    def add_generic_rpc_handlers(self, generic_handlers) -> None:
+        self.server.add_generic_rpc_handlers(tuple(_CountingGenericHandler(g, self.metrics) for g in generic_handlers))
+
+
+class _CountingGenericHandler(grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler, metrics: Metrics):
+        self.inner, self.metrics, self.wrapped = inner, metrics, {}
+
+    def service(self, details):
+        if details.method not in self.wrapped:
+            handler = self.inner.service(details)
+            if handler is None:
+                return None
+            self.wrapped[details.method] = _counted(handler, details.method.rsplit("/", 1)[-1], self.metrics)
+        return self.wrapped[details.method]
 
 
 class InferenceServer:
@@ -94,10 +110,11 @@ class InferenceServer:
         limits = [("grpc.max_receive_message_length", o.max_message_bytes),
                   ("grpc.max_send_message_length", o.max_message_bytes),
                   ("grpc.so_reuseport", 0)]
-        self.server = grpc.aio.server(options=limits, interceptors=[_MetricsInterceptor(self.metrics)])
-        classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierService(self.repository), self.server)
+        self.server = grpc.aio.server(options=limits)
+        counting = _CountingRegistrar(self.server, self.metrics)  # our services' calls are counted
+        classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierService(self.repository), counting)
         service_names = [classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name]
-        kserve.register(self.server, self.repository, self)
+        kserve.register(counting, self.repository, self)
         service_names.append(kserve.SERVICE_NAME)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         service_names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]

@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-import numpy as np
 
 from .._proto.classifier.v1 import classifier_pb2 as pb
 from .._proto.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from ..cam import overlay_png
-from ..model import InferenceRequest, ModelVersion
+from ..model import InferenceRequest, InferenceResult, ModelVersion
 from ..preprocess import InvalidInput, RawTensor, input_image_uint8
 from ..repository import ModelRepository
 from .errors import abort_with, remaining_time, status_of
@@ -41,20 +40,23 @@ def images_from_wire(images) -> list[bytes | RawTensor]:
         if kind == "encoded":
             out.append(img.encoded)
         elif kind == "tensor":
-            out.append(RawTensor(tuple(img.tensor.shape), img.tensor.dtype, img.tensor.data))
+            t = img.tensor
+            out.append(RawTensor(tuple(t.shape), t.dtype, t.data))
         else:
             raise InvalidInput(f"image {i} is empty: set `encoded` (PNG/JPEG bytes) or `tensor`")
     return out
 
 
-def top_k_predictions(probs: np.ndarray, ranking: np.ndarray, labels: list[str], k: int) -> list[pb.Classification]:
-    """Top-k messages from the batch's own ranking (computed once per batch in the worker thread)."""
-    k = min(k, probs.shape[1])
-    top = ranking[:, :k]
-    scores = np.take_along_axis(probs, top, axis=1).tolist() if len(top) > 1 else [probs[0, top[0]].tolist()]
-    Prediction, Classification = pb.Prediction, pb.Classification
-    return [Classification(predictions=[Prediction(index=i, label=labels[i], score=s) for i, s in zip(row, row_scores)])
-            for row, row_scores in zip(top.tolist(), scores)]
+def classify_response(mv: ModelVersion, result: InferenceResult, k: int) -> pb.ClassifyResponse:
+    """Top-k per image from the batch's own ranking (computed once per batch in the worker thread).
+    Messages are added in place: building them apart and passing them in would copy each one."""
+    response = pb.ClassifyResponse(model=mv.name, version=mv.version)
+    add_result, labels = response.results.add, mv.spec.labels
+    for row, scores in zip(result.ranking[:, :k].tolist(), result.ranked_probs[:, :k].tolist()):
+        add_prediction = add_result().predictions.add
+        for i, s in zip(row, scores):
+            add_prediction(index=i, label=labels[i], score=s)
+    return response
 
 
 class ClassifierService(pb_grpc.ClassifierServicer):
@@ -68,9 +70,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         images = images_from_wire(request.images)
         mv = resolve_model(self.repo, request.model, request.version)
         result = await mv.infer(InferenceRequest(images), timeout_s=timeout_s)
-        return pb.ClassifyResponse(model=mv.name, version=mv.version,
-                                   results=top_k_predictions(result.probs, result.ranking, mv.spec.labels,
-                                                            request.top_k or DEFAULT_TOP_K))
+        return classify_response(mv, result, request.top_k or DEFAULT_TOP_K)
 
     async def Classify(self, request, context):
         try:

@@ -172,3 +172,52 @@ def test_overload_loses_no_request():
     assert len(answered) + len(rejected) + len(expired) == 1000
     assert answered and rejected
     assert sorted(x for a in answered for x in a) == sorted(2 * x for b in rec.batches for p in b for x in p)
+
+
+def test_a_shorter_deadline_arriving_later_expires_first():
+    """One deadline timer per batcher, re-armed for an earlier deadline: B (50 ms) expires long before A (5 s)."""
+    gate = threading.Event()
+    rec = Recorder(gate=gate)
+
+    async def main():
+        b = DynamicBatcher(rec, max_batch_size=1)
+        await b.start()
+        running = asyncio.create_task(b.submit([0]))
+        await asyncio.sleep(0.05)
+        a = asyncio.create_task(b.submit([1], timeout_s=5))
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            await b.submit([2], timeout_s=0.05)
+        waited = time.monotonic() - started
+        assert b.queued == 1 and not a.done()  # A still waits its turn
+        gate.set()
+        await asyncio.gather(running, a)
+        await b.stop()
+        return waited
+
+    assert run(main()) < 1.0
+    assert [p for batch in rec.batches for p in batch] == [[0], [1]]
+
+
+def test_small_batches_run_on_the_event_loop_only_while_requests_are_sparse():
+    threads = []
+
+    def execute(payloads, instance):
+        threads.append(threading.current_thread() is threading.main_thread())
+        time.sleep(0.002)
+        return list(payloads)
+
+    async def main():
+        b = DynamicBatcher(execute, max_batch_size=64, inline_max_units=64, inline_quiet_s=0.01)
+        await b.start()
+        for i in range(3):  # a lone caller: each request after a quiet gap runs inline
+            await asyncio.sleep(0.03)
+            await b.submit([i])
+        sparse = list(threads)
+        threads.clear()
+        await asyncio.gather(*(b.submit([i]) for i in range(50)))  # a burst: to the worker thread
+        await b.stop()
+        return sparse
+
+    assert run(main()) == [True, True, True]
+    assert threads and not any(threads[1:])  # the burst's first request may still look quiet

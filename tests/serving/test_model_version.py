@@ -1,0 +1,39 @@
+"""One loaded model version without a server: the batch body the batcher calls."""
+
+import numpy as np
+import pytest
+
+from serving.model import InferenceRequest, load_version
+from serving.model_config import load_spec
+from serving.preprocess import InvalidInput, RawTensor
+
+
+@pytest.fixture(scope="module")
+def version(small_repo):
+    return load_version(load_spec(small_repo / "fmnist"), 1)
+
+
+def pixels(seed: int) -> RawTensor:
+    data = np.random.default_rng(seed).integers(0, 256, (28, 28), np.uint8)
+    return RawTensor((28, 28), "uint8", data.tobytes())
+
+
+def test_one_bad_request_fails_alone_and_the_others_match_separate_runs(version):
+    good = [InferenceRequest([pixels(1), pixels(2)]), InferenceRequest([pixels(3)])]
+    bad = InferenceRequest([RawTensor((28, 28), "uint8", b"\x00" * 10)])
+    results = version.execute([good[0], bad, good[1]])
+    assert isinstance(results[1], InvalidInput) and "needs 784" in str(results[1])
+    for req, got in zip(good, (results[0], results[2])):
+        alone = version.execute([req])[0]
+        np.testing.assert_allclose(got.logits, alone.logits, atol=1e-5)
+        assert got.ranking.tolist() == alone.ranking.tolist()
+        np.testing.assert_allclose(got.ranked_probs, np.take_along_axis(got.probs, got.ranking, 1))
+
+
+def test_whole_batch_decoded_at_once_equals_one_by_one(version):
+    """The vectorised path (every image uint8 at the model size) gives the same input as per-image decoding."""
+    reqs = [InferenceRequest([pixels(i)], keep_inputs=True) for i in range(5)]
+    batched = version.execute(reqs)
+    for i, r in enumerate(batched):
+        expected = np.frombuffer(pixels(i).data, np.uint8).reshape(1, 1, 28, 28) / np.float32(255)
+        np.testing.assert_allclose(r.inputs, expected, atol=1e-7)
