@@ -83,7 +83,7 @@ class DynamicBatcher:
         merge: Callable[[list[Any]], Any] = _concat_lists,
         observer: BatchObserver | None = None,
         inline_max_units: int = 0,
-        inline_quiet_s: float = 0.0,
+        inline_lone_window_s: float = 0.1,
         name: str = "batcher",
     ):
         if max_batch_size < 1:
@@ -98,13 +98,13 @@ class DynamicBatcher:
         self.instances = max(1, instances)
         self._merge = merge
         self._observer = observer
-        # Batches up to inline_max_units run on the event loop itself, but only while requests arrive
-        # further apart than inline_quiet_s (about one execution): under load the loop must keep reading
-        # requests, or it would see them one at a time and keep running tiny batches.
+        # Batches up to inline_max_units run on the event loop itself, but only for a lone caller: when no
+        # two requests overlapped within inline_lone_window_s. With several callers the loop must keep
+        # reading requests while the model runs, or it would see them one at a time and run tiny batches.
         self.inline_max_units = inline_max_units
-        self.inline_quiet_s = inline_quiet_s
-        self._last_arrival = 0.0
-        self._quiet = False
+        self.inline_lone_window_s = inline_lone_window_s
+        self._waiting = 0            # submitted and not yet answered
+        self._overlap_seen = -math.inf  # when two requests were last in the batcher at once
         self.name = name
         self.stats = BatchStats()
         self._queues: list[collections.deque[_Pending]] = [collections.deque() for _ in range(self.priority_levels)]
@@ -176,7 +176,9 @@ class DynamicBatcher:
         self._queues[level - 1].extend(pending)
         self._queued += len(pending)
         self.stats.requests += 1
-        self._quiet, self._last_arrival = now - self._last_arrival > self.inline_quiet_s, now
+        self._waiting += 1
+        if self._waiting > 1:
+            self._overlap_seen = now
         self._arrival.set()
         if deadline is not None and deadline < self._sweep_at:
             self._arm_sweep(loop, deadline)
@@ -185,6 +187,7 @@ class DynamicBatcher:
                 return await pending[0].future
             results = await asyncio.gather(*(p.future for p in pending))
         finally:
+            self._waiting -= 1
             self._forget(pending)
         return self._merge(list(results))
 
@@ -307,7 +310,7 @@ class DynamicBatcher:
             self.in_flight += len(batch)
             try:
                 payloads = [p.payload for p in batch]
-                if units <= self.inline_max_units and self._quiet:
+                if units <= self.inline_max_units and started - self._overlap_seen > self.inline_lone_window_s:
                     # Cheap enough to run on the event loop: two thread hops would cost more than the work.
                     results = self._execute(payloads, index)
                 else:

@@ -173,24 +173,22 @@ def load_version(spec: ModelSpec, version: int, options: RuntimeOptions | None =
     elif not reason:
         reason = "the repository has no CAM weights for this version"
     runtime.warm_up((pre.channels, pre.height, pre.width), b.max_batch_size)
-    inline_units, inline_quiet_s = _inline_units(runtime, (pre.channels, pre.height, pre.width), b)
+    inline_units = _inline_units(runtime, (pre.channels, pre.height, pre.width), b)
     mv = ModelVersion(spec, version, runtime, None, metadata, cam_weights, reason)  # type: ignore[arg-type]
     mv.batcher = DynamicBatcher(
         mv.execute, max_batch_size=b.max_batch_size, max_queue_delay_s=b.max_queue_delay_us / 1e6,
         preferred_batch_sizes=b.preferred_batch_sizes, max_queue_size=b.max_queue_size,
         priority_levels=b.priority_levels, default_priority=b.default_priority, instances=b.instances,
-        merge=InferenceResult.concat, observer=observer, inline_max_units=inline_units,
-        inline_quiet_s=inline_quiet_s, name=f"{spec.name}:{version}")
+        merge=InferenceResult.concat, observer=observer, inline_max_units=inline_units, name=f"{spec.name}:{version}")
     return mv
 
 
-def _inline_units(runtime: OrtModel, shape: tuple[int, ...], b: BatchingOptions) -> tuple[int, float]:
-    """How many images fit in the inline budget, and one single-image run's time: batches that small run
-    on the event loop when requests arrive further apart than that, skipping the hop to a worker thread
-    and back (which costs more than a tiny model's whole run). One instance only: several instances need
-    the worker threads to overlap."""
+def _inline_units(runtime: OrtModel, shape: tuple[int, ...], b: BatchingOptions) -> int:
+    """How many images fit in the inline budget: a lone caller's batches that small run on the event loop,
+    skipping the hop to a worker thread and back (which costs more than a tiny model's whole run). One
+    instance only: several instances need the worker threads to overlap."""
     if b.inline_budget_us <= 0 or b.instances > 1 or runtime.provider != "CPUExecutionProvider":
-        return 0, 0.0
+        return 0
     x = np.zeros((b.max_batch_size, *shape), np.float32)
 
     def timed(n: int, repeats: int) -> float:  # the median: one slow run must not decide
@@ -202,11 +200,10 @@ def _inline_units(runtime: OrtModel, shape: tuple[int, ...], b: BatchingOptions)
         return float(np.median(times))
 
     budget = b.inline_budget_us / 1e6
-    single = timed(1, 1)
-    if single > 10 * budget or (single := timed(1, 7)) > budget:  # most models stop here
-        return 0, 0.0
+    if timed(1, 1) > 10 * budget or timed(1, 7) > budget:  # most models stop here
+        return 0
     per_image = max(timed(b.max_batch_size, 3) / b.max_batch_size, 1e-9)
-    return int(min(b.max_batch_size, max(1, budget / per_image))), single
+    return int(min(b.max_batch_size, max(1, budget / per_image)))
 
 
 def _check_shapes(runtime: OrtModel, spec: ModelSpec) -> None:

@@ -199,7 +199,7 @@ def test_a_shorter_deadline_arriving_later_expires_first():
     assert [p for batch in rec.batches for p in batch] == [[0], [1]]
 
 
-def test_small_batches_run_on_the_event_loop_only_while_requests_are_sparse():
+def test_small_batches_run_on_the_event_loop_only_for_a_lone_caller():
     threads = []
 
     def execute(payloads, instance):
@@ -208,16 +208,22 @@ def test_small_batches_run_on_the_event_loop_only_while_requests_are_sparse():
         return list(payloads)
 
     async def main():
-        b = DynamicBatcher(execute, max_batch_size=64, inline_max_units=64, inline_quiet_s=0.01)
+        b = DynamicBatcher(execute, max_batch_size=4, inline_max_units=4, inline_lone_window_s=0.05)
         await b.start()
-        for i in range(3):  # a lone caller: each request after a quiet gap runs inline
-            await asyncio.sleep(0.03)
+        for i in range(3):  # a lone caller, one request at a time: inline
             await b.submit([i])
-        sparse = list(threads)
+        lone = list(threads)
         threads.clear()
-        await asyncio.gather(*(b.submit([i]) for i in range(50)))  # a burst: to the worker thread
+        await asyncio.gather(*(b.submit([i]) for i in range(12)))  # concurrent callers: worker thread
+        crowded = list(threads)
+        threads.clear()
+        await b.submit([0])  # right after them: still the worker thread
+        await asyncio.sleep(0.06)
+        await b.submit([0])  # alone again for longer than the window: inline
         await b.stop()
-        return sparse
+        return lone, crowded, threads
 
-    assert run(main()) == [True, True, True]
-    assert threads and not any(threads[1:])  # the burst's first request may still look quiet
+    lone, crowded, after = run(main())
+    assert lone == [True, True, True]
+    assert len(crowded) == 3 and not any(crowded)
+    assert after == [False, True]
