@@ -95,6 +95,8 @@ class ModelVersion:
             raise CamUnavailable(f"model {self.name} version {self.version} cannot explain: {self.cam_reason}")
         if request.cam_class is not None and not 0 <= request.cam_class < self.spec.num_classes:
             raise InvalidInput(f"target_class {request.cam_class} is outside 0..{self.spec.num_classes - 1}")
+        if timeout_s is None and self.spec.batching.default_timeout_us:  # config.pbtxt default_queue_policy
+            timeout_s = self.spec.batching.default_timeout_us / 1e6
         return await self.batcher.submit(request, priority=priority, timeout_s=timeout_s)
 
     def execute(self, batch: list[InferenceRequest], instance: int = 0) -> list[InferenceResult | Exception]:
@@ -116,7 +118,7 @@ class ModelVersion:
         # Softmax and ranking once per batch, here off the event loop, so answering costs a slice per request.
         probs = probabilities(logits)
         ranking = np.argsort(-probs, axis=1, kind="stable")
-        ranked = np.take_along_axis(probs, ranking, axis=1)
+        ranked = probs[np.arange(len(probs))[:, None], ranking]  # take_along_axis, without its overhead
         for i in ok:
             req, sl = batch[i], rows[i]
             result = InferenceResult(logits[sl], probs=probs[sl], ranking=ranking[sl], ranked_probs=ranked[sl],

@@ -37,3 +37,23 @@ def test_whole_batch_decoded_at_once_equals_one_by_one(version):
     for i, r in enumerate(batched):
         expected = np.frombuffer(pixels(i).data, np.uint8).reshape(1, 1, 28, 28) / np.float32(255)
         np.testing.assert_allclose(r.inputs, expected, atol=1e-7)
+
+
+def test_default_queue_timeout_of_the_config_applies_to_requests_without_one(small_repo):
+    import asyncio
+
+    from serving.batcher import DeadlineExceeded
+
+    mv = load_version(load_spec(small_repo / "fmnist"), 1)
+    mv.spec.batching.default_timeout_us = 1  # expires before any batch can take it
+
+    async def main():
+        await mv.batcher.start()
+        try:
+            with pytest.raises(DeadlineExceeded):
+                await mv.infer(InferenceRequest([pixels(0)]))
+            return await mv.infer(InferenceRequest([pixels(0)]), timeout_s=10)  # its own timeout wins
+        finally:
+            await mv.batcher.stop()
+
+    assert asyncio.run(main()).logits.shape == (1, 10)
