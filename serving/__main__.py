@@ -31,6 +31,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inline-budget-us", type=int, help="run batches predicted to take less than this on the "
                    "event loop itself, skipping the thread hop (CPU only; 0 = never; default 1000)")
     p.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message accepted")
+    p.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                   help="uvloop where installed (auto): about 0.1 ms less CPU per request than asyncio's loop")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -121,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        from .server import serve
+        from .server import event_loop_factory, serve
         try:
-            asyncio.run(serve(_server_options(args)))
+            with asyncio.Runner(loop_factory=event_loop_factory(args.event_loop)) as runner:
+                runner.run(serve(_server_options(args)))
         except (OSError, RuntimeError) as e:  # a missing repository, a port in use: say so, no traceback
             print(f"error: {e}", file=sys.stderr)
             return 2

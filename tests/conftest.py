@@ -1,5 +1,5 @@
 """Shared fixtures: a real model repository made by the real exporter, and the real gRPC server on a free
-localhost port, running its own asyncio loop in a background thread."""
+localhost port, running its own event loop (the one `serve` would choose) in a background thread."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from serving.server import InferenceServer, ServerOptions
+from serving.server import InferenceServer, ServerOptions, event_loop_factory
 from training.export import export_to_repository
 from training.models import create_model
 
@@ -28,7 +28,7 @@ def export_small(repo: Path, name: str = "fmnist", version: int | None = None, s
 class RunningServer:
     def __init__(self, options: ServerOptions):
         self.options = options
-        self.loop = asyncio.new_event_loop()
+        self.loop = event_loop_factory()()
         self.server = InferenceServer(options)
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 

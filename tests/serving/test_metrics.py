@@ -41,3 +41,4 @@ def test_metrics_count_requests_batches_and_failures(small_repo):
     assert value(text, "grpc_requests_total", method="Classify", code="OK") == 2
     assert value(text, "grpc_requests_total", method="Classify", code="INVALID_ARGUMENT") == 1
     assert re.search(r'grpc_requests_in_flight\{method="Classify"\} 0', text)
+
