@@ -147,7 +147,7 @@ class InferenceServer:
 
 def event_loop_factory(kind: str = "auto"):
     """The server's event loop: uvloop where installed (auto) or asked for, else asyncio's own. gRPC's
-    per-call work runs on this loop; uvloop's cheaper callbacks take about 0.1 ms of CPU off each request."""
+    per-call work runs on this loop; uvloop's cheaper callbacks take about 0.07 ms of CPU off each request."""
     if kind == "asyncio":
         return asyncio.new_event_loop
     try:
