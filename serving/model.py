@@ -115,7 +115,7 @@ class ModelVersion:
         names = [self.spec.logits_output] + ([self.spec.features_output] if want_cam else [])
         outs = self.runtime.run(x, names, instance=instance)
         logits, features = outs[0], (outs[1] if want_cam else None)
-        # Softmax and ranking once per batch, here off the event loop, so answering costs a slice per request.
+        # Softmax and ranking once per batch, in the worker, so answering costs a slice per request.
         probs = probabilities(logits)
         ranking = np.argsort(-probs, axis=1, kind="stable")
         ranked = probs[np.arange(len(probs))[:, None], ranking]  # take_along_axis, without its overhead

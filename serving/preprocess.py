@@ -1,7 +1,7 @@
 """Turning what clients send into the model's input tensor [B, C, H, W] float32 in [0, 1].
 
 Normalisation (mean/std) is inside the exported graph, so the server only decodes, converts colour,
-resizes and scales. Runs in the batch worker thread, never on the event loop.
+resizes and scales. Runs in the batch worker thread (on the event loop only for a lone caller's small batches).
 """
 
 from __future__ import annotations
