@@ -2,8 +2,8 @@
 
 For each model: in-process onnxruntime images/s at batch 1..256 (the limit); then the real server (a
 separate process) under C concurrent clients sending single-image requests with batching off and on,
-many-image requests, and Explain (CAM) against Classify of the same batch. A bare grpc.aio echo server,
-driven by the same client with the same request bytes, gives the transport's ceiling.
+many-image requests, and Explain (CAM) against Classify of the same batch. A bare grpc.aio echo server on
+the same event loop, driven by the same client with the same request bytes, gives the transport's ceiling.
 """
 
 from __future__ import annotations
@@ -125,6 +125,13 @@ def stop_process(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
+def run_echo_server() -> None:
+    """On the event loop our server would choose, so the ceiling is that of the same transport."""
+    from .server import event_loop_factory
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(_echo_server())
+
+
 async def _echo_server() -> None:
     import grpc
 
@@ -234,7 +241,7 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
 
-    echo, echo_addr = start_process(["-c", "import asyncio, serving.bench as b; asyncio.run(b._echo_server())"])
+    echo, echo_addr = start_process(["-c", "import serving.bench as b; b.run_echo_server()"])
     try:
         for c in concurrency:
             r = asyncio.run(drive(echo_addr, ECHO_METHOD, _request("small", 1, 28, 1), 1, c, args.seconds, echo.pid))
