@@ -84,6 +84,7 @@ class DynamicBatcher:
         observer: BatchObserver | None = None,
         inline_max_units: int = 0,
         inline_lone_window_s: float = 0.1,
+        combine: bool = True,
         name: str = "batcher",
     ):
         if max_batch_size < 1:
@@ -96,6 +97,7 @@ class DynamicBatcher:
         self.priority_levels = max(1, priority_levels)
         self.default_priority = min(max(1, default_priority), self.priority_levels)
         self.instances = max(1, instances)
+        self.combine = combine  # False: every request is a batch of its own (still split at max_batch_size)
         self._merge = merge
         self._observer = observer
         # Batches up to inline_max_units run on the event loop itself, but only for a lone caller: when no
@@ -294,7 +296,7 @@ class DynamicBatcher:
                 self._queued -= 1
                 batch.append(p)
                 units += p.size
-                if units >= limit:
+                if units >= limit or not self.combine:
                     return batch
         return batch
 

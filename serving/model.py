@@ -181,6 +181,7 @@ def load_version(spec: ModelSpec, version: int, options: RuntimeOptions | None =
         mv.execute, max_batch_size=b.max_batch_size, max_queue_delay_s=b.max_queue_delay_us / 1e6,
         preferred_batch_sizes=b.preferred_batch_sizes, max_queue_size=b.max_queue_size,
         priority_levels=b.priority_levels, default_priority=b.default_priority, instances=b.instances,
+        combine=b.combine_requests,
         merge=InferenceResult.concat, observer=observer, inline_max_units=inline_units, name=f"{spec.name}:{version}")
     return mv
 

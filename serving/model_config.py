@@ -62,6 +62,7 @@ class BatchingOptions:
     default_timeout_us: int = 0
     instances: int = 1
     inline_budget_us: int = 1000  # batches predicted to run within this run on the event loop (0 = never)
+    combine_requests: bool = True  # False: each request runs alone (config.pbtxt without dynamic_batching)
 
 
 @dataclass
@@ -155,8 +156,9 @@ def _batching_options(config: mc.ModelConfig, defaults: BatchingOptions) -> Batc
         if db.default_queue_policy.default_timeout_microseconds:
             opts.default_timeout_us = int(db.default_queue_policy.default_timeout_microseconds)
     elif config.max_batch_size > 0:
-        # Without dynamic_batching Triton runs each request as it comes: keep that meaning.
+        # Without dynamic_batching Triton runs each request as it comes, never two together: keep that meaning.
         opts.max_queue_delay_us = 0
+        opts.combine_requests = False
     if config.instance_group:
         opts.instances = max(1, sum(g.count or 1 for g in config.instance_group))
     return opts

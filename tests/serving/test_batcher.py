@@ -227,3 +227,20 @@ def test_small_batches_run_on_the_event_loop_only_for_a_lone_caller():
     assert lone == [True, True, True]
     assert len(crowded) == 3 and not any(crowded)
     assert after == [False, True]
+
+
+def test_without_combining_every_request_is_its_own_batch():
+    """What a config.pbtxt without dynamic_batching means in Triton: requests run one at a time."""
+    rec = Recorder(delay_s=0.01)
+
+    async def main():
+        b = DynamicBatcher(rec, max_batch_size=4, combine=False)
+        await b.start()
+        results = await asyncio.gather(*(b.submit([i, i]) for i in range(5)), b.submit(list(range(6))))
+        await b.stop()
+        return results
+
+    results = run(main())
+    assert results[:5] == [[2 * i, 2 * i] for i in range(5)] and results[5] == [2 * x for x in range(6)]
+    assert all(len(batch) == 1 for batch in rec.batches)  # never two requests in one execution
+    assert sorted(len(batch[0]) for batch in rec.batches) == [2] * 6 + [4]  # the 6-unit one split at 4
