@@ -38,6 +38,8 @@ class BatcherStopped(Exception):
 class BatchStats:
     """Counters a batcher keeps; read by metrics and ModelStatistics."""
     requests: int = 0
+    succeeded: int = 0
+    success_ns: int = 0     # submit to answer, summed over the requests that succeeded
     executions: int = 0
     units: int = 0
     failures: int = 0
@@ -186,12 +188,15 @@ class DynamicBatcher:
             self._arm_sweep(loop, deadline)
         try:
             if len(pending) == 1:
-                return await pending[0].future
-            results = await asyncio.gather(*(p.future for p in pending))
+                result = await pending[0].future
+            else:
+                result = self._merge(list(await asyncio.gather(*(p.future for p in pending))))
         finally:
             self._waiting -= 1
             self._forget(pending)
-        return self._merge(list(results))
+        self.stats.succeeded += 1
+        self.stats.success_ns += int((time.monotonic() - now) * 1e9)
+        return result
 
     def _arm_sweep(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
         """One timer per batcher, at the earliest deadline in the queue: callers usually share a timeout,

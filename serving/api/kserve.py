@@ -433,18 +433,15 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def model_statistics(mv: ModelVersion) -> pb.ModelStatistics:
-    """Triton's statistics from the batcher's counters. The batcher keeps no per-request end-to-end time,
-    so `success.ns` is the summed queue time of the requests plus the summed time of the executions (each
-    batch counted once, not once per request in it); `compute_infer` counts executions, as batch_stats do."""
+    """Triton's statistics from the batcher's counters: `success` is each successful request's time from
+    queueing to its answer; `compute_infer` counts executions (one per batch), as batch_stats do."""
     s = mv.batcher.stats
     failed = s.failures + s.expired + s.rejected
-    open_requests = mv.batcher.queued + mv.batcher.in_flight
-    succeeded = max(0, s.requests - s.failures - s.expired - open_requests)
     d = pb.StatisticDuration
     stats = pb.InferStatistics(
-        success=d(count=succeeded, ns=s.queue_ns + s.compute_ns),
+        success=d(count=s.succeeded, ns=s.success_ns),
         fail=d(count=failed),
-        queue=d(count=succeeded + s.failures, ns=s.queue_ns),
+        queue=d(count=s.succeeded + s.failures, ns=s.queue_ns),
         compute_infer=d(count=s.executions, ns=s.compute_ns))
     batches = [pb.InferBatchStatistics(batch_size=size, compute_infer=d(count=n))
                for size, n in sorted(s.batch_sizes.items())]
