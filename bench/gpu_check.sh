@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The short GPU check: the serving benchmark for ResNet-50 (and ResNet-18) with the CUDA provider, and
-# TensorRT where present, its table written to $OUT (or bench/results/). Under 5 minutes on one GPU.
+# The short GPU check: the serving benchmark for ResNet-50 (and ResNet-18) with the CUDA provider (under
+# 5 minutes), then with CUDA graphs, and TensorRT where present, each part bounded by its own timeout (8
+# minutes in all at most); the tables are written to $OUT (or bench/results/).
 #
 # The lent GPU machine has torch (CUDA 13, cuDNN 9 as pip packages) and a CPU-only onnxruntime, and no
 # network. onnxruntime-gpu's wheel (255 MB) is over what one call may carry (64 MiB), so it travels in
@@ -53,11 +54,15 @@ PY
   export PYTHONUNBUFFERED=1
   timeout 240 python3 -m serving bench --models resnet18,resnet50 --device cuda --concurrency 1,64,256 \
     --batches 1,8,32,64,128,256 --seconds 3 --out "$OUT/gpu_bench.md" 2>"$OUT/gpu_bench.log"
+  # CUDA graphs (never run before a GPU machine ran this): the served rows against the ones above.
+  timeout 90 python3 -m serving bench --models resnet50 --device cuda --concurrency 1,64 --batches 1,64 \
+    --seconds 2 --server-args "--cuda-graphs" --out "$OUT/gpu_bench_cuda_graphs.md" \
+    2>"$OUT/gpu_bench_cuda_graphs.log" || true
   if python3 -c 'import onnxruntime as o, sys; sys.exit("TensorrtExecutionProvider" not in o.get_available_providers())'; then
-    timeout 150 python3 -m serving bench --models resnet50 --device cuda --tensorrt --concurrency 64 \
-      --batches 1,64 --seconds 3 --out "$OUT/gpu_bench_tensorrt.md" 2>"$OUT/gpu_bench_tensorrt.log" || true
+    timeout 120 python3 -m serving bench --models resnet50 --device cuda --tensorrt --concurrency 64 \
+      --batches 1,64 --seconds 2 --out "$OUT/gpu_bench_tensorrt.md" 2>"$OUT/gpu_bench_tensorrt.log" || true
   fi
-  cat "$OUT/gpu_bench.md"
+  cat "$OUT"/gpu_bench*.md
 }
 
 case "${1:-}" in

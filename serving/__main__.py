@@ -22,6 +22,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--tensorrt", action="store_true", help="try the TensorRT provider first")
     p.add_argument("--trt-cache-dir", default="", help="TensorRT engine cache directory")
+    p.add_argument("--cuda-graphs", action="store_true", help="CUDA provider: capture one CUDA graph per batch-size "
+                   "bucket (powers of two) and replay it, padding each batch up to its bucket")
     p.add_argument("--intra-op-threads", type=int, default=0, help="threads per session (0 = cores / instances)")
     p.add_argument("--ort-spin", action="store_true", help="let idle onnxruntime threads spin-wait")
     p.add_argument("--max-batch-size", type=int, help="override every model's max_batch_size")
@@ -47,7 +49,8 @@ def _server_options(args: argparse.Namespace):
         repository=args.model_repository, host=args.host, port=args.port, metrics_port=args.metrics_port,
         poll_interval_s=args.poll_interval, max_message_bytes=args.max_message_mb * 1024 * 1024,
         runtime=RuntimeOptions(device=args.device, tensorrt=args.tensorrt, trt_cache_dir=args.trt_cache_dir,
-                               intra_op_threads=args.intra_op_threads, spin_wait=args.ort_spin),
+                               intra_op_threads=args.intra_op_threads, spin_wait=args.ort_spin,
+                               cuda_graphs=args.cuda_graphs),
         batching_overrides=overrides)
 
 

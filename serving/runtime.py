@@ -28,6 +28,7 @@ class RuntimeOptions:
     intra_op_threads: int = 0        # 0 = cores / instances
     spin_wait: bool = False          # let idle intra-op threads spin (lower latency, but steals CPU from gRPC)
     cuda_device_id: int = 0
+    cuda_graphs: bool = False        # CUDA provider: replay one captured CUDA graph per batch-size bucket
 
 
 _preloaded = False
@@ -76,8 +77,10 @@ def choose_providers(options: RuntimeOptions, instance: int = 0) -> list:
             if options.trt_cache_dir:
                 trt["trt_engine_cache_path"] = options.trt_cache_dir
             providers.append(("TensorrtExecutionProvider", trt))
-        providers.append(("CUDAExecutionProvider", {"device_id": options.cuda_device_id,
-                                                    "arena_extend_strategy": "kSameAsRequested"}))
+        cuda = {"device_id": options.cuda_device_id, "arena_extend_strategy": "kSameAsRequested"}
+        if options.cuda_graphs and not options.tensorrt:  # graphs need every node on the CUDA provider
+            cuda["enable_cuda_graph"] = "1"
+        providers.append(("CUDAExecutionProvider", cuda))
     elif options.device == "cuda":
         raise RuntimeError(f"device=cuda asked, but onnxruntime offers only {available}")
     providers.append("CPUExecutionProvider")
@@ -124,10 +127,17 @@ class OrtModel:
                         path, asked, self.provider)
         self.threads = threads
         self._use_binding = self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
-        log.info("%s: %d instance(s) on %s, %d intra-op thread(s)", path, len(self.sessions), self.provider, threads)
+        self._buckets: list[BucketedBinding] = []  # one per instance, with --cuda-graphs on the CUDA provider
+        if self.options.cuda_graphs and not self.options.tensorrt and self.provider == "CUDAExecutionProvider":
+            self._buckets = [BucketedBinding(s, input_name, "cuda", self.options.cuda_device_id)
+                             for s in self.sessions]
+        log.info("%s: %d instance(s) on %s, %d intra-op thread(s)%s", path, len(self.sessions), self.provider, threads,
+                 ", CUDA graphs" if self._buckets else "")
 
     def run(self, x: np.ndarray, outputs: list[str], instance: int = 0) -> list[np.ndarray]:
         session = self.sessions[instance % len(self.sessions)]
+        if self._buckets:
+            return self._buckets[instance % len(self._buckets)].run(x, outputs)
         if not self._use_binding:
             return session.run(outputs, {self.input_name: x})
         # GPU: bind the host input once and fetch only the outputs asked for, avoiding ORT's extra copies.
@@ -139,9 +149,56 @@ class OrtModel:
         return binding.copy_outputs_to_cpu()
 
     def warm_up(self, input_shape: tuple[int, ...], max_batch_size: int) -> None:
-        """Run each instance once per batch size it will meet, so the first requests pay no set-up cost."""
-        sizes = sorted({1, max_batch_size} | ({2 ** i for i in range(max_batch_size.bit_length())
-                                               if 2 ** i <= max_batch_size} if self._use_binding else set()))
+        """Run each instance once per batch size it will meet, so the first requests pay no set-up cost
+        (on the GPU every power of two; with CUDA graphs the buffers are made and each graph captured)."""
+        for buckets in self._buckets:
+            buckets.prepare(input_shape, max_batch_size, self.output_names)
+        sizes = batch_buckets(max_batch_size) if self._use_binding else [1, max_batch_size]
         for i in range(len(self.sessions)):
-            for n in sizes:
-                self.run(np.zeros((n, *input_shape), np.float32), self.output_names, i)
+            for n in sorted(set(sizes)):
+                for _ in range(2 if self._buckets else 1):  # onnxruntime captures a graph on its second run
+                    self.run(np.zeros((n, *input_shape), np.float32), self.output_names, i)
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """The batch sizes a GPU session is warmed (and a CUDA graph captured) for: powers of two, and the max."""
+    return sorted({2 ** i for i in range(max_batch_size.bit_length()) if 2 ** i <= max_batch_size} | {max_batch_size})
+
+
+class BucketedBinding:
+    """Runs a batch at the size of its bucket (the next power of two, or the max) through buffers allocated once
+    per bucket on `device` and bound once, so that with CUDA graphs each run replays the graph captured for that
+    size (annotated `gpu_graph_id`). Padding rows are computed and dropped: the models treat rows independently.
+    On "cpu" the same logic runs without graphs, which is how it is tested without a GPU."""
+
+    def __init__(self, session: ort.InferenceSession, input_name: str, device: str = "cuda", device_id: int = 0):
+        self.session, self.input_name, self.device, self.device_id = session, input_name, device, device_id
+        self.slots: dict[int, tuple] = {}  # bucket size -> (host staging array, input value, outputs, binding, options)
+
+    def prepare(self, input_shape: tuple[int, ...], max_batch_size: int, output_names: list[str]) -> None:
+        shapes = {o.name: o.shape[1:] for o in self.session.get_outputs() if o.name in output_names}
+        if not all(isinstance(d, int) for shape in shapes.values() for d in shape):
+            raise ValueError(f"CUDA graphs need fixed output shapes apart from the batch; the model gives {shapes}")
+        for graph_id, n in enumerate(batch_buckets(max_batch_size)):
+            value = ort.OrtValue.ortvalue_from_shape_and_type
+            host = np.zeros((n, *input_shape), np.float32)
+            x = value([n, *input_shape], np.float32, self.device, self.device_id)
+            outputs = {name: value([n, *shape], np.float32, self.device, self.device_id) for name, shape in shapes.items()}
+            binding = self.session.io_binding()
+            binding.bind_ortvalue_input(self.input_name, x)
+            for name, out in outputs.items():
+                binding.bind_ortvalue_output(name, out)
+            options = ort.RunOptions()
+            options.add_run_config_entry("gpu_graph_id", str(graph_id))
+            self.slots[n] = (host, x, outputs, binding, options)
+
+    def run(self, x: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+        k = len(x)
+        n = next((size for size in self.slots if size >= k), None)
+        if n is None:
+            raise ValueError(f"batch of {k} is larger than the largest bucket ({max(self.slots, default=0)})")
+        host, value, bound, binding, options = self.slots[n]
+        host[:k] = x
+        value.update_inplace(host)  # into the same device buffer the graph was captured with
+        self.session.run_with_iobinding(binding, options)
+        return [bound[name].numpy()[:k] for name in outputs]

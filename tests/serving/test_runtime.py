@@ -38,6 +38,8 @@ def test_provider_order(monkeypatch):
     trt = choose_providers(RuntimeOptions(tensorrt=True, trt_cache_dir="/tmp/engines"))
     assert names(trt) == gpu
     assert trt[0][1]["trt_engine_cache_enable"] and trt[0][1]["trt_engine_cache_path"] == "/tmp/engines"
+    assert choose_providers(RuntimeOptions(cuda_graphs=True))[0][1]["enable_cuda_graph"] == "1"
+    assert "enable_cuda_graph" not in choose_providers(RuntimeOptions(cuda_graphs=True, tensorrt=True))[1][1]
     assert names(choose_providers(RuntimeOptions(device="cpu"))) == ["CPUExecutionProvider"]
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(RuntimeError, match="device=cuda"):
@@ -50,3 +52,24 @@ def test_provider_reported_is_the_one_the_session_got(model_file, caplog):
     assert model.provider == model.sessions[0].get_providers()[0]
     if "CUDAExecutionProvider" in ort.get_available_providers() and model.provider == "CPUExecutionProvider":
         assert "CUDAExecutionProvider" in runtime._fallback_reported
+
+
+def test_bucketed_binding_pads_to_its_bucket_and_matches_plain_runs(model_file):
+    """The CUDA-graph runner's logic (buffers bound once per bucket, padding, slicing back), on the CPU."""
+    from serving.runtime import BucketedBinding, batch_buckets
+
+    assert batch_buckets(12) == [1, 2, 4, 8, 12] and batch_buckets(1) == [1]
+    model = OrtModel(model_file, "input", ["logits", "features"], options=RuntimeOptions(device="cpu"))
+    runner = BucketedBinding(model.sessions[0], "input", device="cpu")
+    runner.prepare((1, 28, 28), 12, ["logits", "features"])
+    assert list(runner.slots) == [1, 2, 4, 8, 12]
+    rng = np.random.default_rng(1)
+    for k in (1, 3, 8, 11, 12, 2):  # small after large: stale padding rows must not leak into results
+        x = rng.random((k, 1, 28, 28), dtype=np.float32)
+        logits, features = runner.run(x, ["logits", "features"])
+        expected = model.sessions[0].run(["logits", "features"], {"input": x})
+        np.testing.assert_allclose(logits, expected[0], atol=1e-5)
+        np.testing.assert_allclose(features, expected[1], atol=1e-5)
+        assert runner.run(x, ["logits"])[0].shape == (k, 10)
+    with pytest.raises(ValueError, match="larger than the largest bucket"):
+        runner.run(np.zeros((13, 1, 28, 28), np.float32), ["logits"])
