@@ -179,8 +179,8 @@ class BucketedBinding:
         shapes = {o.name: o.shape[1:] for o in self.session.get_outputs() if o.name in output_names}
         if not all(isinstance(d, int) for shape in shapes.values() for d in shape):
             raise ValueError(f"CUDA graphs need fixed output shapes apart from the batch; the model gives {shapes}")
+        value = ort.OrtValue.ortvalue_from_shape_and_type
         for graph_id, n in enumerate(batch_buckets(max_batch_size)):
-            value = ort.OrtValue.ortvalue_from_shape_and_type
             host = np.zeros((n, *input_shape), np.float32)
             x = value([n, *input_shape], np.float32, self.device, self.device_id)
             outputs = {name: value([n, *shape], np.float32, self.device, self.device_id) for name, shape in shapes.items()}
