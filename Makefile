@@ -49,7 +49,7 @@ bench: setup                      ## the serving benchmark table (CPU here, GPU 
 	$(PY) -m serving bench
 
 gpu-check: setup                  ## the short GPU check (see bench/gpu_check.sh)
-	bash bench/gpu_check.sh run
+	PYTHON=$(PY) bash bench/gpu_check.sh run
 
 clean:
 	rm -rf $(VENV) runs cam_overlays .pytest_cache .ruff_cache

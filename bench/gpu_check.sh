@@ -15,6 +15,7 @@ STASH=/tmp/ort-gpu-parts
 SITE=/tmp/site
 ORT_WHEEL=onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl
 OUT=${OUT:-bench/results}
+PYTHON=${PYTHON:-python3}   # the lent machine's python3 holds torch; `make gpu-check` passes the project's
 
 prepare() {
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
@@ -38,28 +39,28 @@ stash() {
 
 run() {
   mkdir -p "$OUT" "$SITE"
-  if ! python3 -c 'import onnxruntime as o, sys; sys.exit("CUDAExecutionProvider" not in o.get_available_providers())' 2>/dev/null; then
+  if ! "$PYTHON" -c 'import onnxruntime as o, sys; sys.exit("CUDAExecutionProvider" not in o.get_available_providers())' 2>/dev/null; then
     local wheel
     wheel="$STASH/$(basename "$(ls "$STASH"/*.part-00)" .part-00)"
     cat "$STASH"/*.part-* > "$wheel"
     (cd "$STASH" && sha256sum -c SHA256)
-    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "$wheel" "$STASH"/small/*.whl
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "$wheel" "$STASH"/small/*.whl
     export PYTHONPATH=$SITE:${PYTHONPATH:-}
   fi
-  python3 - <<'PY' 2>&1 | tee "$OUT/gpu_providers.txt"
+  "$PYTHON" - <<'PY' 2>&1 | tee "$OUT/gpu_providers.txt"
 import onnxruntime as ort
 ort.preload_dlls()
 print("onnxruntime", ort.__version__, "providers:", ort.get_available_providers())
 PY
   export PYTHONUNBUFFERED=1
-  timeout 240 python3 -m serving bench --models resnet18,resnet50 --device cuda --concurrency 1,64,256 \
+  timeout 240 "$PYTHON" -m serving bench --models resnet18,resnet50 --device cuda --concurrency 1,64,256 \
     --batches 1,8,32,64,128,256 --seconds 3 --out "$OUT/gpu_bench.md" 2>"$OUT/gpu_bench.log"
   # CUDA graphs (never run before a GPU machine ran this): the served rows against the ones above.
-  timeout 90 python3 -m serving bench --models resnet50 --device cuda --concurrency 1,64 --batches 1,64 \
+  timeout 90 "$PYTHON" -m serving bench --models resnet50 --device cuda --concurrency 1,64 --batches 1,64 \
     --seconds 2 --server-args "--cuda-graphs" --out "$OUT/gpu_bench_cuda_graphs.md" \
     2>"$OUT/gpu_bench_cuda_graphs.log" || true
-  if python3 -c 'import onnxruntime as o, sys; sys.exit("TensorrtExecutionProvider" not in o.get_available_providers())'; then
-    timeout 120 python3 -m serving bench --models resnet50 --device cuda --tensorrt --concurrency 64 \
+  if "$PYTHON" -c 'import onnxruntime as o, sys; sys.exit("TensorrtExecutionProvider" not in o.get_available_providers())'; then
+    timeout 120 "$PYTHON" -m serving bench --models resnet50 --device cuda --tensorrt --concurrency 64 \
       --batches 1,64 --seconds 2 --out "$OUT/gpu_bench_tensorrt.md" 2>"$OUT/gpu_bench_tensorrt.log" || true
   fi
   cat "$OUT"/gpu_bench*.md
