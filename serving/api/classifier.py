@@ -13,6 +13,7 @@ from ..model import InferenceRequest, InferenceResult, ModelVersion
 from ..preprocess import InvalidInput, RawTensor, input_image_uint8
 from ..repository import ModelRepository
 from .errors import abort_with, remaining_time, status_of
+from .streaming import answer_in_order
 
 DEFAULT_TOP_K = 5
 MAX_IMAGES_PER_REQUEST = 4096
@@ -80,29 +81,13 @@ class ClassifierService(pb_grpc.ClassifierServicer):
 
     async def ClassifyStream(self, request_iterator, context):
         """Requests run concurrently (up to the window) and are answered in arrival order."""
-        pending: asyncio.Queue = asyncio.Queue(maxsize=self.stream_window)
-
-        async def read() -> None:
-            try:
-                async for msg in request_iterator:
-                    task = asyncio.ensure_future(self._classify(msg.request, remaining_time(context)))
-                    await pending.put((msg.request_id, task))
-            finally:
-                await pending.put(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (item := await pending.get()) is not None:
-                request_id, task = item
-                try:
-                    yield pb.StreamClassifyResponse(request_id=request_id, response=await task)
-                except Exception as e:  # noqa: BLE001 - one failed request does not end the stream
-                    code, message = status_of(e)
-                    yield pb.StreamClassifyResponse(request_id=request_id, error_code=code.value[0],
-                                                    error_message=message)
-            await reader
-        finally:
-            reader.cancel()
+        classify = lambda m: self._classify(m.request, remaining_time(context))
+        async for msg, outcome in answer_in_order(request_iterator, classify, self.stream_window):
+            if isinstance(outcome, Exception):
+                code, message = status_of(outcome)
+                yield pb.StreamClassifyResponse(request_id=msg.request_id, error_code=code.value[0], error_message=message)
+            else:
+                yield pb.StreamClassifyResponse(request_id=msg.request_id, response=outcome)
 
     async def Explain(self, request, context):
         try:

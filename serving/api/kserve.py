@@ -10,7 +10,6 @@ parameter of a requested output turns it into BYTES top-k strings "score:index:l
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import math
 import struct
@@ -27,6 +26,7 @@ from ..preprocess import InvalidInput
 from ..repository import READY, UNAVAILABLE, ModelNotFound, ModelNotReady, ModelRepository
 from .classifier import MAX_IMAGES_PER_REQUEST, resolve_model
 from .errors import abort_with, remaining_time, status_of
+from .streaming import answer_in_order
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 SERVER_NAME = "cnn-serving"
@@ -329,30 +329,15 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(self, request_iterator, context):
         """Requests run concurrently (up to the window) and are answered in arrival order; a failed request
         is answered with error_message (its id kept) and the stream goes on."""
-        pending: asyncio.Queue = asyncio.Queue(maxsize=self.stream_window)
-
-        async def read() -> None:
-            try:
-                async for msg in request_iterator:
-                    await pending.put((msg, asyncio.ensure_future(self._infer(msg, context))))
-            finally:
-                await pending.put(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (item := await pending.get()) is not None:
-                msg, task = item
-                try:
-                    yield pb.ModelStreamInferResponse(infer_response=await task)
-                except Exception as e:  # noqa: BLE001 - one failed request does not end the stream
-                    code, message = status_of(e)
-                    yield pb.ModelStreamInferResponse(
-                        error_message=f"[{code}] {message}",
-                        infer_response=pb.ModelInferResponse(model_name=msg.model_name,
-                                                             model_version=msg.model_version, id=msg.id))
-            await reader
-        finally:
-            reader.cancel()
+        async for msg, outcome in answer_in_order(request_iterator, lambda m: self._infer(m, context), self.stream_window):
+            if isinstance(outcome, Exception):
+                code, message = status_of(outcome)
+                yield pb.ModelStreamInferResponse(
+                    error_message=f"[{code}] {message}",
+                    infer_response=pb.ModelInferResponse(model_name=msg.model_name, model_version=msg.model_version,
+                                                         id=msg.id))
+            else:
+                yield pb.ModelStreamInferResponse(infer_response=outcome)
 
     # -- statistics ------------------------------------------------------------------------------------------
     @_unary
