@@ -197,10 +197,12 @@ def requested_outputs(request: pb.ModelInferRequest, spec: ModelSpec, supports_c
     return outputs
 
 
-def _classification(values: np.ndarray, k: int, labels: list[str]) -> np.ndarray:
-    """Triton's classification strings "score:index[:label]", top-k per row by value."""
+def _classification(values: np.ndarray, k: int, labels: list[str], ranking: np.ndarray | None = None) -> np.ndarray:
+    """Triton's classification strings "score:index[:label]", top-k per row by value. The batch's ranking of
+    probabilities is also that of the logits (softmax keeps the order), so it is reused where it fits."""
     k = min(k, values.shape[1])
-    order = np.argsort(-values, axis=1, kind="stable")[:, :k]
+    fits = ranking is not None and ranking.shape == values.shape
+    order = ranking[:, :k] if fits else np.argsort(-values, axis=1, kind="stable")[:, :k]
     scores = np.take_along_axis(values, order, axis=1)
     use_labels = len(labels) == values.shape[1]
     return np.array([[f"{scores[r, j]:f}:{i}" + (f":{labels[i]}" if use_labels else "")
@@ -219,7 +221,7 @@ def build_response(request: pb.ModelInferRequest, mv: ModelVersion, result: Infe
             values = result.logits
         tensor = response.outputs.add(name=o.name)
         if o.classification:
-            strings = _classification(values, o.classification, mv.spec.labels)
+            strings = _classification(values, o.classification, mv.spec.labels, result.ranking)
             tensor.datatype, tensor.shape[:] = "BYTES", list(strings.shape)
             response.raw_output_contents.append(serialize_bytes([s.encode() for s in strings.ravel()]))
             continue

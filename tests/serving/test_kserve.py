@@ -169,6 +169,14 @@ def test_classification_strings(client: tg.InferenceServerClient, reference: ort
         assert [label for _, _, label in parsed] == [LABELS[i] for i in top]
         np.testing.assert_allclose([float(s) for s, _, _ in parsed], p[top], atol=1e-6)
     assert result.as_numpy("logits").shape == (2, 10)  # the other output stays a tensor
+    # top-k of the logits: same order as the probabilities, scores the logits themselves
+    result = client.infer(MODEL, [infer_input("input", x, "FP32")],
+                          outputs=[tg.InferRequestedOutput("logits", class_count=2)])
+    logits = reference.run(["logits"], {"input": x})[0]
+    for row, z in zip(result.as_numpy("logits"), logits, strict=True):
+        parsed = [s.decode().split(":") for s in row]
+        assert [int(i) for _, i, _ in parsed] == np.argsort(-z, kind="stable")[:2].tolist()
+        np.testing.assert_allclose([float(s) for s, _, _ in parsed], np.sort(z)[::-1][:2], atol=1e-5)
 
 
 def test_cam_output(client: tg.InferenceServerClient, reference: ort.InferenceSession) -> None:
