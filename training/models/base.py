@@ -87,3 +87,19 @@ def conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1, batch_no
         layers.append(nn.BatchNorm2d(cout))
     layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
+
+
+def he_init(model: nn.Module, linear_std: float | None = None) -> None:
+    """torchvision's initialisation of these CNNs: Kaiming-normal convolutions (fan_out, ReLU), unit BN scale,
+    zero biases; with linear_std, linear layers from N(0, linear_std) too."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and linear_std is not None:
+            nn.init.normal_(m.weight, 0, linear_std)
+            nn.init.zeros_(m.bias)

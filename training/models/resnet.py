@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import GapHead, ImageClassifier
+from .base import GapHead, ImageClassifier, he_init
 from .registry import register_model
 
 
@@ -107,14 +107,7 @@ def _projection(cin: int, cout: int, stride: int, batch_norm: bool) -> nn.Sequen
 
 
 def _init_weights(model: nn.Module, zero_init_residual: bool) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    he_init(model)
     if zero_init_residual:
         # Zero the last BN scale of each residual branch so every block starts as the identity (Goyal et al.,
         # 2017, "Accurate, Large Minibatch SGD"). Besides easing optimisation, this keeps an untrained deep

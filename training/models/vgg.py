@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .base import GapHead, ImageClassifier, conv_bn_relu
+from .base import GapHead, ImageClassifier, conv_bn_relu, he_init
 from .registry import register_model
 
 M = "M"  # 2x2 max-pool, stride 2
@@ -95,17 +95,7 @@ class VGG(ImageClassifier):
 
     def _init_weights(self) -> None:
         # torchvision's initialisation; the paper's own (pre-training the shallow net A) is impractical here.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        he_init(self, linear_std=0.01)
 
 
 
