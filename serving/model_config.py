@@ -23,6 +23,7 @@ from google.protobuf import text_format
 from ._proto.inference import model_config_pb2 as mc
 
 CONFIG_FILE = "config.pbtxt"
+PLATFORM = "onnxruntime_onnx"  # Triton's name for what serves these models
 LABELS_FILE = "labels.txt"
 MODEL_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
@@ -104,7 +105,7 @@ def load_spec(model_dir: Path, defaults: BatchingOptions | None = None, override
     name = config.name or model_dir.name
     if config.name and config.name != model_dir.name:
         raise ConfigError(f"{model_dir}: config name {config.name!r} differs from the directory name")
-    if config.platform not in ("", "onnxruntime_onnx") or config.backend not in ("", "onnxruntime"):
+    if config.platform not in ("", PLATFORM) or config.backend not in ("", "onnxruntime"):
         raise ConfigError(f"{model_dir}: platform {config.platform or config.backend!r} is not onnxruntime_onnx")
     if len(config.input) != 1:
         raise ConfigError(f"{model_dir}: expected exactly one input, found {len(config.input)}")

@@ -27,6 +27,7 @@ from serving.model_config import (
     LABELS_FILE,
     METADATA_FILE,
     MODEL_FILE,
+    PLATFORM,
     Preprocessing,
     list_versions,
     write_config,
@@ -96,7 +97,7 @@ def build_config(name: str, model: ImageClassifier, max_batch_size: int,
         fshape, out_classes = list(features.shape[1:]), model.forward_head(features).shape[1]
     pre = Preprocessing(c, h, w, [round(v, 6) for v in model.mean.flatten().tolist()],
                         [round(v, 6) for v in model.std.flatten().tolist()])
-    cfg = mc.ModelConfig(name=name, platform="onnxruntime_onnx", max_batch_size=max_batch_size)
+    cfg = mc.ModelConfig(name=name, platform=PLATFORM, max_batch_size=max_batch_size)
     cfg.input.add(name=INPUT, data_type=mc.TYPE_FP32, format=mc.ModelInput.FORMAT_NCHW, dims=[c, h, w])
     cfg.output.add(name=LOGITS, data_type=mc.TYPE_FP32, dims=[out_classes], label_filename=LABELS_FILE)
     cfg.output.add(name=FEATURES, data_type=mc.TYPE_FP32, dims=fshape)

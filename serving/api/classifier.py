@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
-
 from .._proto.classifier.v1 import classifier_pb2 as pb
 from .._proto.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from ..cam import overlay_png
 from ..model import InferenceRequest, InferenceResult, ModelVersion
+from ..model_config import PLATFORM
 from ..preprocess import InvalidInput, RawTensor, input_image_uint8
 from ..repository import ModelRepository
-from .errors import abort_with, remaining_time, status_of
+from .errors import remaining_time, status_of, status_on_error
 from .streaming import answer_in_order
 
 DEFAULT_TOP_K = 5
@@ -73,11 +72,9 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         result = await mv.infer(InferenceRequest(images), timeout_s=timeout_s)
         return classify_response(mv, result, request.top_k or DEFAULT_TOP_K)
 
+    @status_on_error
     async def Classify(self, request, context):
-        try:
-            return await self._classify(request, remaining_time(context))
-        except Exception as e:  # noqa: BLE001 - every error becomes a status with a message
-            await abort_with(context, e)
+        return await self._classify(request, remaining_time(context))
 
     async def ClassifyStream(self, request_iterator, context):
         """Requests run concurrently (up to the window) and are answered in arrival order."""
@@ -89,54 +86,47 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             else:
                 yield pb.StreamClassifyResponse(request_id=msg.request_id, response=outcome)
 
+    @status_on_error
     async def Explain(self, request, context):
-        try:
-            images = images_from_wire(request.images)
-            mv = resolve_model(self.repo, request.model, request.version)
-            target = request.target_class if request.HasField("target_class") else None
-            result = await mv.infer(InferenceRequest(images, cam=True, cam_class=target, keep_inputs=request.overlay),
-                                    timeout_s=remaining_time(context))
-            probs = result.probs
-            overlays = await asyncio.to_thread(_overlays, result) if request.overlay else [b""] * len(images)
-            h, w = result.cams.shape[1:]
-            explanations = []
-            for i, cls in enumerate(result.cam_classes.tolist()):
-                explanations.append(pb.Explanation(
-                    target=pb.Prediction(index=cls, label=mv.spec.labels[cls], score=float(probs[i, cls])),
-                    heatmap=pb.Tensor(shape=[h, w], dtype="float32", data=result.cams[i].astype("<f4").tobytes()),
-                    overlay_png=overlays[i]))
-            return pb.ExplainResponse(model=mv.name, version=mv.version, explanations=explanations)
-        except Exception as e:  # noqa: BLE001
-            await abort_with(context, e)
+        images = images_from_wire(request.images)
+        mv = resolve_model(self.repo, request.model, request.version)
+        target = request.target_class if request.HasField("target_class") else None
+        result = await mv.infer(InferenceRequest(images, cam=True, cam_class=target, keep_inputs=request.overlay),
+                                timeout_s=remaining_time(context))
+        probs = result.probs
+        overlays = await asyncio.to_thread(_overlays, result) if request.overlay else [b""] * len(images)
+        h, w = result.cams.shape[1:]
+        explanations = []
+        for i, cls in enumerate(result.cam_classes.tolist()):
+            explanations.append(pb.Explanation(
+                target=pb.Prediction(index=cls, label=mv.spec.labels[cls], score=float(probs[i, cls])),
+                heatmap=pb.Tensor(shape=[h, w], dtype="float32", data=result.cams[i].astype("<f4").tobytes()),
+                overlay_png=overlays[i]))
+        return pb.ExplainResponse(model=mv.name, version=mv.version, explanations=explanations)
 
     async def ListModels(self, request, context):
         models = []
         for name in self.repo.model_names():
-            models.append(pb.ModelSummary(name=name, versions=self.repo.ready_versions(name),
-                                          platform="onnxruntime_onnx"))
+            models.append(pb.ModelSummary(name=name, versions=self.repo.ready_versions(name), platform=PLATFORM))
         return pb.ListModelsResponse(models=models)
 
+    @status_on_error
     async def GetModel(self, request, context):
-        try:
-            mv = resolve_model(self.repo, request.model, request.version)
-            pre = mv.spec.preprocessing
-            metrics = {k: str(v) for k, v in mv.metadata.get("metrics", {}).items() if not isinstance(v, (dict, list))}
-            metrics["onnx_parity_max_abs_diff"] = str(mv.metadata.get("parity_max_abs_diff", ""))
-            return pb.GetModelResponse(
-                name=mv.name, version=mv.version, labels=mv.spec.labels,
-                preprocessing=pb.Preprocessing(channels=pre.channels, height=pre.height, width=pre.width,
-                                               mean=pre.mean, std=pre.std, color_mode=pre.color_mode),
-                versions=[pb.VersionStatus(version=s.version, state=s.state, reason=s.reason)
-                          for s in self.repo.statuses(mv.name)],
-                metrics=metrics, execution_provider=mv.runtime.provider, supports_cam=mv.supports_cam,
-                cam_unsupported_reason=mv.cam_reason, max_batch_size=mv.spec.batching.max_batch_size,
-                architecture=mv.spec.architecture, parameters=int(mv.metadata.get("parameters", 0)))
-        except Exception as e:  # noqa: BLE001
-            await abort_with(context, e)
+        mv = resolve_model(self.repo, request.model, request.version)
+        pre = mv.spec.preprocessing
+        metrics = {k: str(v) for k, v in mv.metadata.get("metrics", {}).items() if not isinstance(v, (dict, list))}
+        metrics["onnx_parity_max_abs_diff"] = str(mv.metadata.get("parity_max_abs_diff", ""))
+        return pb.GetModelResponse(
+            name=mv.name, version=mv.version, labels=mv.spec.labels,
+            preprocessing=pb.Preprocessing(channels=pre.channels, height=pre.height, width=pre.width,
+                                           mean=pre.mean, std=pre.std, color_mode=pre.color_mode),
+            versions=[pb.VersionStatus(version=s.version, state=s.state, reason=s.reason)
+                      for s in self.repo.statuses(mv.name)],
+            metrics=metrics, execution_provider=mv.runtime.provider, supports_cam=mv.supports_cam,
+            cam_unsupported_reason=mv.cam_reason, max_batch_size=mv.spec.batching.max_batch_size,
+            architecture=mv.spec.architecture, parameters=int(mv.metadata.get("parameters", 0)))
 
 
 def _overlays(result) -> list[bytes]:
     return [overlay_png(input_image_uint8(x), heat) for x, heat in zip(result.inputs, result.cams)]
 
-
-__all__ = ["ClassifierService", "grpc"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import grpc
@@ -42,3 +43,14 @@ def remaining_time(context: grpc.aio.ServicerContext) -> float | None:
     """Seconds left before the caller's deadline, so queued work past it is dropped."""
     left = context.time_remaining()
     return left if left is not None and left < 1e8 else None
+
+
+def status_on_error(method):
+    """Every error of a unary handler becomes a gRPC status with a message (the codes are mapped above)."""
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except Exception as e:  # noqa: BLE001 - every error becomes a status with a message
+            await abort_with(context, e)
+    return wrapper

@@ -10,7 +10,6 @@ parameter of a requested output turns it into BYTES top-k strings "score:index:l
 
 from __future__ import annotations
 
-import functools
 import math
 import struct
 from importlib import metadata
@@ -21,16 +20,15 @@ import numpy as np
 from .._proto.inference import grpc_service_pb2 as pb
 from .._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from ..model import InferenceRequest, InferenceResult, ModelVersion
-from ..model_config import ModelSpec
+from ..model_config import PLATFORM, ModelSpec
 from ..preprocess import InvalidInput
 from ..repository import READY, UNAVAILABLE, ModelNotFound, ModelNotReady, ModelRepository
 from .classifier import MAX_IMAGES_PER_REQUEST, resolve_model
-from .errors import abort_with, remaining_time, status_of
+from .errors import remaining_time, status_of, status_on_error
 from .streaming import answer_in_order
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 SERVER_NAME = "cnn-serving"
-PLATFORM = "onnxruntime_onnx"
 PROBABILITIES, CAM = "probabilities", "cam"
 EXTENSIONS = ["classification", "model_configuration", "model_repository", "schedule_policy", "statistics",
               "parameters"]
@@ -233,17 +231,6 @@ def build_response(request: pb.ModelInferRequest, mv: ModelVersion, result: Infe
     return response
 
 
-def _unary(method):
-    """Every error of a unary handler becomes a gRPC status with a message (errors.py maps the codes)."""
-    @functools.wraps(method)
-    async def wrapper(self, request, context):
-        try:
-            return await method(self, request, context)
-        except Exception as e:  # noqa: BLE001
-            await abort_with(context, e)
-    return wrapper
-
-
 _SHARED_MEMORY_HINT = "send tensors in the request itself (raw_input_contents or contents)"
 
 
@@ -267,7 +254,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         ready = started and (bool(self.repo.all_ready()) or not self.repo.model_names())
         return pb.ServerReadyResponse(ready=ready)
 
-    @_unary
+    @status_on_error
     async def ModelReady(self, request, context):
         version = parse_version(request.version)
         try:
@@ -280,7 +267,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=_server_version(), extensions=EXTENSIONS)
 
-    @_unary
+    @status_on_error
     async def ModelMetadata(self, request, context):
         mv = self.repo.get(request.name, parse_version(request.version))
         spec = mv.spec
@@ -301,7 +288,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
                                                             shape=_expected_shape(spec))],
             outputs=outputs)
 
-    @_unary
+    @status_on_error
     async def ModelConfig(self, request, context):
         mv = self.repo.get(request.name, parse_version(request.version))
         return pb.ModelConfigResponse(config=mv.spec.config)
@@ -324,7 +311,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
                                 priority=priority or None, timeout_s=_timeout_s(request, context))
         return build_response(request, mv, result, outputs)
 
-    @_unary
+    @status_on_error
     async def ModelInfer(self, request, context):
         return await self._infer(request, context)
 
@@ -342,7 +329,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
                 yield pb.ModelStreamInferResponse(infer_response=outcome)
 
     # -- statistics ------------------------------------------------------------------------------------------
-    @_unary
+    @status_on_error
     async def ModelStatistics(self, request, context):
         if request.name:
             version = parse_version(request.version)
@@ -356,7 +343,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelStatisticsResponse(model_stats=[model_statistics(mv) for mv in versions])
 
     # -- repository ------------------------------------------------------------------------------------------
-    @_unary
+    @status_on_error
     async def RepositoryIndex(self, request, context):
         models = []
         names = sorted(set(self.repo.model_names()) | {s.name for s in self.repo.statuses()})
@@ -374,7 +361,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
                                                                     reason=s.reason or self.repo.model_error(name)))
         return pb.RepositoryIndexResponse(models=models)
 
-    @_unary
+    @status_on_error
     async def RepositoryModelLoad(self, request, context):
         if request.parameters:
             raise InvalidInput(f"load parameters ({', '.join(sorted(request.parameters))}) are not supported: "
@@ -387,7 +374,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         self.repo.get(name)  # fails with the reason when no version could be loaded
         return pb.RepositoryModelLoadResponse()
 
-    @_unary
+    @status_on_error
     async def RepositoryModelUnload(self, request, context):
         await self.repo.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
