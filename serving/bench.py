@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ._proto.classifier.v1 import classifier_pb2 as pb
+from .client import to_wire_image
 
 MODELS = {  # name -> (architecture, channels, size, classes)
     "small": ("small_fmnist", 1, 28, 10),
@@ -187,8 +188,7 @@ async def drive(address: str, method: str, payload: bytes, images_per_request: i
 def _request(model: str, channels: int, size: int, n: int, explain: bool = False) -> bytes:
     rng = np.random.default_rng(0)
     shape = [size, size] if channels == 1 else [size, size, channels]
-    images = [pb.Image(tensor=pb.Tensor(shape=shape, dtype="uint8", data=rng.integers(0, 256, shape, np.uint8).tobytes()))
-              for _ in range(n)]
+    images = [to_wire_image(rng.integers(0, 256, shape, np.uint8)) for _ in range(n)]
     msg = pb.ExplainRequest(model=model, images=images) if explain else pb.ClassifyRequest(model=model, images=images)
     return msg.SerializeToString()
 

@@ -9,11 +9,12 @@ import numpy as np
 
 from serving._proto.classifier.v1 import classifier_pb2 as pb
 from serving._proto.classifier.v1 import classifier_pb2_grpc as pb_grpc
+from serving.client import to_wire_image
 from tests.conftest import running_server
 
 
 def test_thousand_requests_against_a_queue_of_64(small_repo):
-    image = pb.Image(tensor=pb.Tensor(shape=[28, 28], dtype="uint8", data=np.zeros(784, np.uint8).tobytes()))
+    image = to_wire_image(np.zeros((28, 28), np.uint8))
     request = pb.ClassifyRequest(model="fmnist", images=[image] * 8)
 
     async def flood(address: str) -> collections.Counter:
