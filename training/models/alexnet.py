@@ -83,7 +83,6 @@ class AlexNet(ImageClassifier):
         )
 
 
-
 @register_model("alexnet_gap", family="alexnet", head="gap")
 @register_model("alexnet", family="alexnet")
 def alexnet(**kw) -> AlexNet:

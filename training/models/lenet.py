@@ -63,7 +63,6 @@ class LeNet5(ImageClassifier):
             )
 
 
-
 @register_model("lenet5_gap", family="lenet", head="gap")
 @register_model("lenet5", family="lenet")
 def lenet5(**kw) -> LeNet5:

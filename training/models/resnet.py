@@ -157,7 +157,6 @@ class ResNet(ImageClassifier):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
-
 class CifarResNet(ImageClassifier):
     def __init__(self, depth: int = 20, in_channels: int = 3, num_classes: int = 10,
                  input_size: Sequence[int] = (32, 32), shortcut: str = "B", widths: Sequence[int] = (16, 32, 64),
@@ -188,7 +187,6 @@ class CifarResNet(ImageClassifier):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(self.normalize(x)))
-
 
 
 @register_model("resnet18", family="resnet")

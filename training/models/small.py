@@ -25,7 +25,6 @@ class SmallNet(ImageClassifier):
         self.head = GapHead(c4, num_classes, dropout)
 
 
-
 @register_model("small_fmnist", family="small")
 def small_fmnist(**kw) -> SmallNet:
     return SmallNet(**kw)

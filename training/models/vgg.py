@@ -98,7 +98,6 @@ class VGG(ImageClassifier):
         he_init(self, linear_std=0.01)
 
 
-
 @register_model("vgg11_gap", family="vgg", head="gap")
 @register_model("vgg11", family="vgg")
 def vgg11(**kw) -> VGG:
