@@ -8,11 +8,13 @@ onnx.checker and against PyTorch on a real batch; it fails above the tolerance.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -116,14 +118,23 @@ def next_version(model_dir: Path) -> int:
     return (existing[-1] + 1) if existing else 1
 
 
+@contextlib.contextmanager
+def staged_version(model_dir: Path, final: Path) -> Iterator[Path]:
+    """A path to assemble a version directory in, renamed to `final` when the block succeeds: a polling
+    server never sees a half-written version."""
+    with tempfile.TemporaryDirectory(dir=model_dir, prefix=".export-") as tmp:
+        staging = Path(tmp) / "v"
+        yield staging
+        staging.rename(final)
+
+
 def export_to_repository(model: ImageClassifier, classes: list[str], repository: Path, name: str,
                          architecture: str, metrics: dict | None = None, version: int | None = None,
                          max_batch_size: int = 64, check_batch: torch.Tensor | None = None,
                          precision: str = "fp32") -> Path:
     """Write <repo>/<name>/<version>/model.onnx (+ metadata, CAM weights), config.pbtxt and labels.txt.
 
-    The version directory is assembled in a temporary place and renamed into the repository, so a
-    polling server never sees a half-written version.
+    The version directory is assembled aside and renamed into the repository (`staged_version`).
     """
     model = model.eval()
     model_dir = repository / name
@@ -135,8 +146,7 @@ def export_to_repository(model: ImageClassifier, classes: list[str], repository:
     c, (h, w) = model.in_channels, model.input_size
     if check_batch is None:
         check_batch = torch.rand(8, c, h, w, generator=torch.Generator().manual_seed(0))
-    with tempfile.TemporaryDirectory(dir=model_dir, prefix=".export-") as tmp:
-        staging = Path(tmp) / "v"
+    with staged_version(model_dir, final) as staging:
         started = time.time()
         export_onnx(model, staging / MODEL_FILE)
         err = parity_error(model, staging / MODEL_FILE, check_batch)
@@ -157,7 +167,6 @@ def export_to_repository(model: ImageClassifier, classes: list[str], repository:
         extra = {"architecture": architecture, "parameters_count": str(n_params)}
         write_config(model_dir, build_config(name, model, max_batch_size, extra))
         (model_dir / LABELS_FILE).write_text("\n".join(classes) + "\n")
-        staging.rename(final)
     return final
 
 

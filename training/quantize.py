@@ -17,7 +17,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from serving.model_config import METADATA_FILE, MODEL_FILE, list_versions
+from serving.model_config import METADATA_FILE, MODEL_FILE
+
+from .export import next_version, staged_version
 
 
 def _accuracy(model_path: Path, images: np.ndarray, labels: np.ndarray) -> float:
@@ -42,9 +44,8 @@ def _test_data(data_dir: str | None, shape: tuple[int, int, int]) -> tuple[np.nd
 def _new_version(source: Path, convert, precision: str, reference_acc: float | None,
                  data: tuple[np.ndarray, np.ndarray] | None) -> Path:
     model_dir = source.parent
-    version = list_versions(model_dir)[-1] + 1
-    with tempfile.TemporaryDirectory(dir=model_dir, prefix=".export-") as tmp:
-        staging = Path(tmp) / "v"
+    final = model_dir / str(next_version(model_dir))
+    with staged_version(model_dir, final) as staging:
         shutil.copytree(source, staging)
         convert(str(source / MODEL_FILE), str(staging / MODEL_FILE))
         meta = json.loads((staging / METADATA_FILE).read_text())
@@ -58,8 +59,7 @@ def _new_version(source: Path, convert, precision: str, reference_acc: float | N
             print(f"{precision}: test accuracy {100 * acc:.2f}% ({100 * (acc - reference_acc):+.2f} points), "
                   f"{meta['onnx_bytes'] / 1e6:.2f} MB")
         (staging / METADATA_FILE).write_text(json.dumps(meta, indent=1))
-        staging.rename(model_dir / str(version))
-    return model_dir / str(version)
+    return final
 
 
 def export_reduced_precision(version_dir: Path, fp16: bool, quantize: str | None,
