@@ -62,7 +62,7 @@ class BatchingOptions:
     default_priority: int = 1
     default_timeout_us: int = 0
     instances: int = 1
-    inline_budget_us: int = 1000  # batches predicted to run within this run on the event loop (0 = never)
+    inline_budget_us: int = 1000  # a lone caller's batches predicted to take less run on the event loop (0 = never)
     combine_requests: bool = True  # False: each request runs alone (config.pbtxt without dynamic_batching)
 
 
