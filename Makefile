@@ -46,7 +46,7 @@ train-default: setup              ## reproduce the bundled model (about 30 minut
 	$(PY) -m training export runs/small_fmnist/checkpoint.pt --repository $(REPO) --name fashion_mnist
 
 bench: setup                      ## the serving benchmark table (CPU here, GPU where present)
-	$(PY) -m serving bench
+	$(PY) bench/serving_bench.py
 
 gpu-check: setup                  ## the short GPU check (see bench/gpu_check.sh)
 	PYTHON=$(PY) bash bench/gpu_check.sh run

@@ -53,14 +53,14 @@ ort.preload_dlls()
 print("onnxruntime", ort.__version__, "providers:", ort.get_available_providers())
 PY
   export PYTHONUNBUFFERED=1
-  timeout 240 "$PYTHON" -m serving bench --models resnet18,resnet50 --device cuda --concurrency 1,64,256 \
+  timeout 240 "$PYTHON" bench/serving_bench.py --models resnet18,resnet50 --device cuda --concurrency 1,64,256 \
     --batches 1,8,32,64,128,256 --seconds 3 --out "$OUT/gpu_bench.md" 2>"$OUT/gpu_bench.log"
   # CUDA graphs (never run before a GPU machine ran this): the served rows against the ones above.
-  timeout 90 "$PYTHON" -m serving bench --models resnet50 --device cuda --concurrency 1,64 --batches 1,64 \
+  timeout 90 "$PYTHON" bench/serving_bench.py --models resnet50 --device cuda --concurrency 1,64 --batches 1,64 \
     --seconds 2 --server-args "--cuda-graphs" --out "$OUT/gpu_bench_cuda_graphs.md" \
     2>"$OUT/gpu_bench_cuda_graphs.log" || true
   if "$PYTHON" -c 'import onnxruntime as o, sys; sys.exit("TensorrtExecutionProvider" not in o.get_available_providers())'; then
-    timeout 120 "$PYTHON" -m serving bench --models resnet50 --device cuda --tensorrt --concurrency 64 \
+    timeout 120 "$PYTHON" bench/serving_bench.py --models resnet50 --device cuda --tensorrt --concurrency 64 \
       --batches 1,64 --seconds 2 --out "$OUT/gpu_bench_tensorrt.md" 2>"$OUT/gpu_bench_tensorrt.log" || true
   fi
   cat "$OUT"/gpu_bench*.md

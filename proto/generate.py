@@ -1,4 +1,4 @@
-"""Generate the Python stubs under serving/_proto from proto/ (run: `python proto/generate.py`).
+"""Generate the Python stubs under serving/wire from proto/ (run: `python proto/generate.py`).
 
 protoc writes absolute imports (`from inference import model_config_pb2`); they are rewritten to the
 package path so that the stubs live inside `serving` and need nothing on sys.path.
@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
-DEFAULT_OUT = PROTO_ROOT.parent / "serving" / "_proto"
-PACKAGE = "serving._proto"
+DEFAULT_OUT = PROTO_ROOT.parent / "serving" / "wire"
+PACKAGE = "serving.wire"
 
 
 def proto_files() -> list[Path]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from serving.server import InferenceServer, ServerOptions, event_loop_factory
+from serving.server.app import InferenceServer, ServerOptions, event_loop_factory
 from training.export import export_to_repository
 from training.models import create_model
 

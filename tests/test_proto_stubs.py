@@ -1,4 +1,4 @@
-"""The committed stubs under serving/_proto are exactly what proto/generate.py makes from proto/."""
+"""The committed stubs under serving/wire are exactly what proto/generate.py makes from proto/."""
 
 import importlib.util
 from pathlib import Path
@@ -11,7 +11,7 @@ def test_generated_stubs_are_fresh(tmp_path):
     generate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generate)
     fresh = {p.relative_to(tmp_path): p.read_text() for p in generate.generate(tmp_path)}
-    committed_dir = ROOT / "serving" / "_proto"
+    committed_dir = ROOT / "serving" / "wire"
     committed = {p.relative_to(committed_dir): p.read_text() for p in committed_dir.rglob("*.py*")
                  if p.name != "__init__.py" and "__pycache__" not in p.parts}
     assert fresh.keys() == committed.keys(), "stubs added or removed: run `python proto/generate.py`"

@@ -1,8 +1,9 @@
 """Datasets: IDX files (Fashion-MNIST, MNIST), CIFAR-10 python batches and class-per-folder images.
 
 Every loader returns uint8 images as a numpy array [N, H, W, C] plus int64 labels; conversion to the
-model's input (resize, channels, scaling to [0, 1]) and augmentation happen in `make_loaders`, so that
-all datasets feed every model the same way. Normalisation (mean/std) lives inside the model graph.
+model's input (resize, channels, scaling to [0, 1]) and augmentation happen in the training loop
+(`augment.to_model_input`, `augment.augment`), so that all datasets feed every model the same way.
+Normalisation (mean/std) lives inside the model graph.
 """
 
 from __future__ import annotations

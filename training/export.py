@@ -8,13 +8,10 @@ onnx.checker and against PyTorch on a real batch; it fails above the tolerance.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +20,18 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from serving._proto.inference import model_config_pb2 as mc
-from serving.model_config import (
+from serving.repository_format import (
     CAM_WEIGHTS_FILE,
     LABELS_FILE,
     METADATA_FILE,
     MODEL_FILE,
     PLATFORM,
     Preprocessing,
-    list_versions,
+    next_version,
+    staged_version,
     write_config,
 )
+from serving.wire.inference import model_config_pb2 as mc
 
 from .models import CamUnsupported, ImageClassifier, create_model, list_models
 
@@ -113,21 +111,6 @@ def build_config(name: str, model: ImageClassifier, max_batch_size: int,
     return cfg
 
 
-def next_version(model_dir: Path) -> int:
-    existing = list_versions(model_dir) if model_dir.exists() else []
-    return (existing[-1] + 1) if existing else 1
-
-
-@contextlib.contextmanager
-def staged_version(model_dir: Path, final: Path) -> Iterator[Path]:
-    """A path to assemble a version directory in, renamed to `final` when the block succeeds: a polling
-    server never sees a half-written version."""
-    with tempfile.TemporaryDirectory(dir=model_dir, prefix=".export-") as tmp:
-        staging = Path(tmp) / "v"
-        yield staging
-        staging.rename(final)
-
-
 def export_to_repository(model: ImageClassifier, classes: list[str], repository: Path, name: str,
                          architecture: str, metrics: dict | None = None, version: int | None = None,
                          max_batch_size: int = 64, check_batch: torch.Tensor | None = None,
@@ -164,8 +147,7 @@ def export_to_repository(model: ImageClassifier, classes: list[str], repository:
         if reason:
             meta["cam_unsupported_reason"] = reason
         (staging / METADATA_FILE).write_text(json.dumps(meta, indent=1))
-        extra = {"architecture": architecture, "parameters_count": str(n_params)}
-        write_config(model_dir, build_config(name, model, max_batch_size, extra))
+        write_config(model_dir, build_config(name, model, max_batch_size, {"architecture": architecture}))
         (model_dir / LABELS_FILE).write_text("\n".join(classes) + "\n")
     return final
 

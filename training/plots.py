@@ -8,6 +8,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from serving.charts import plot_confusion_matrix  # noqa: F401  (the same picture as the batch job's)
+
 
 def plot_learning_curves(history: list[dict], path: str | Path, title: str = "") -> None:
     epochs = [h["epoch"] for h in history]
@@ -33,22 +35,3 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
     cm = np.zeros((num_classes, num_classes), np.int64)
     np.add.at(cm, (labels, predictions), 1)
     return cm
-
-
-def plot_confusion_matrix(cm: np.ndarray, classes: list[str], path: str | Path, title: str = "") -> None:
-    n = len(classes)
-    # Figure + Agg canvas rather than pyplot: no global figure state, so library callers can use it too.
-    fig = Figure(figsize=(1.0 + 0.6 * n, 0.8 + 0.6 * n))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
-    ax.set(xlabel="predicted", ylabel="true")
-    for i, j in zip(*np.nonzero(cm)):
-        ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
-                color="white" if rates[i, j] > 0.5 else "black")
-    ax.set_title(f"{title} accuracy {100 * np.trace(cm) / max(cm.sum(), 1):.2f}%".strip())
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)

@@ -17,9 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from serving.model_config import METADATA_FILE, MODEL_FILE
-
-from .export import next_version, staged_version
+from serving.repository_format import METADATA_FILE, MODEL_FILE, next_version, staged_version
 
 
 def _accuracy(model_path: Path, images: np.ndarray, labels: np.ndarray) -> float:

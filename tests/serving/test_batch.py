@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from serving.__main__ import main
-from serving.batch import read_idx
+from serving.jobs.sources import read_idx
 from tests.conftest import LABELS, running_server
 
 N_IMAGES = 300

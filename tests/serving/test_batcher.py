@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from serving.batcher import DeadlineExceeded, DynamicBatcher, QueueFull
+from serving.server.batcher import DynamicBatcher
+from serving.server.errors import DeadlineExceeded, QueueFull
 
 
 class Recorder:

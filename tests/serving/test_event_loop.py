@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from serving.server import event_loop_factory
+from serving.server.app import event_loop_factory
 
 
 def test_event_loop_choice():

@@ -27,7 +27,7 @@ import tritonclient.grpc.aio as tg_aio  # noqa: E402
 from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from serving.model_config import read_config  # noqa: E402
+from serving.repository_format import read_config  # noqa: E402
 from tests.conftest import LABELS, RunningServer, export_small, running_server  # noqa: E402
 
 MODEL = "fmnist"  # what tests/conftest.py exports

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from serving.model import InferenceRequest, load_version
-from serving.model_config import load_spec
-from serving.preprocess import InvalidInput, RawTensor
+from serving.repository_format import load_spec
+from serving.server.errors import InvalidInput
+from serving.server.inference import InferenceRequest, RawTensor
+from serving.server.model import load_version
 
 
 @pytest.fixture(scope="module")
@@ -21,19 +22,19 @@ def pixels(seed: int) -> RawTensor:
 def test_one_bad_request_fails_alone_and_the_others_match_separate_runs(version):
     good = [InferenceRequest([pixels(1), pixels(2)]), InferenceRequest([pixels(3)])]
     bad = InferenceRequest([RawTensor((28, 28), "uint8", b"\x00" * 10)])
-    results = version.execute([good[0], bad, good[1]])
+    results = version.execution.execute([good[0], bad, good[1]])
     assert isinstance(results[1], InvalidInput) and "needs 784" in str(results[1])
     for req, got in zip(good, (results[0], results[2])):
-        alone = version.execute([req])[0]
+        alone = version.execution.execute([req])[0]
         np.testing.assert_allclose(got.logits, alone.logits, atol=1e-5)
         assert got.ranking.tolist() == alone.ranking.tolist()
-        np.testing.assert_allclose(got.ranked_probs, np.take_along_axis(got.probs, got.ranking, 1))
+        np.testing.assert_allclose(got.ranked_probabilities, np.take_along_axis(got.probabilities, got.ranking, 1))
 
 
 def test_whole_batch_decoded_at_once_equals_one_by_one(version):
     """The vectorised path (every image uint8 at the model size) gives the same input as per-image decoding."""
     reqs = [InferenceRequest([pixels(i)], keep_inputs=True) for i in range(5)]
-    batched = version.execute(reqs)
+    batched = version.execution.execute(reqs)
     for i, r in enumerate(batched):
         expected = np.frombuffer(pixels(i).data, np.uint8).reshape(1, 1, 28, 28) / np.float32(255)
         np.testing.assert_allclose(r.inputs, expected, atol=1e-7)
@@ -42,7 +43,7 @@ def test_whole_batch_decoded_at_once_equals_one_by_one(version):
 def test_default_queue_timeout_of_the_config_applies_to_requests_without_one(small_repo):
     import asyncio
 
-    from serving.batcher import DeadlineExceeded
+    from serving.server.errors import DeadlineExceeded
 
     mv = load_version(load_spec(small_repo / "fmnist"), 1)
     mv.spec.batching.default_timeout_us = 1  # expires before any batch can take it
@@ -60,7 +61,7 @@ def test_default_queue_timeout_of_the_config_applies_to_requests_without_one(sma
 
 
 def test_config_pbtxt_batching_fields_then_command_line_overrides(tmp_path):
-    from serving.model_config import read_config, write_config
+    from serving.repository_format import read_config, write_config
     from tests.conftest import export_small
 
     export_small(tmp_path)

@@ -7,9 +7,9 @@ import collections
 import grpc
 import numpy as np
 
-from serving._proto.classifier.v1 import classifier_pb2 as pb
-from serving._proto.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.client import to_wire_image
+from serving.wire.classifier.v1 import classifier_pb2 as pb
+from serving.wire.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from tests.conftest import running_server
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from serving.client import ClassifierClient
-from serving.model import InferenceRequest
-from serving.repository import READY, UNAVAILABLE, ModelRepository
+from serving.server.inference import InferenceRequest
+from serving.server.repository import READY, UNAVAILABLE, ModelRepository
 from tests.conftest import export_small, running_server
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from serving import runtime
-from serving.runtime import OrtModel, RuntimeOptions, choose_providers
+from serving.server import runtime
+from serving.server.runtime import OrtSessions, RuntimeOptions, choose_providers
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def model_file(small_repo):
 def test_io_binding_path_gives_the_plain_run(model_file):
     """The GPU path binds the input and the requested outputs; the same calls work on the CPU provider, so
     the code that a GPU machine runs is exercised here too."""
-    model = OrtModel(model_file, "input", ["logits", "features"], options=RuntimeOptions(device="cpu"))
+    model = OrtSessions(model_file, "input", ["logits", "features"], options=RuntimeOptions(device="cpu"))
     x = np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)
     plain = model.run(x, ["logits", "features"])
     model._use_binding = True
@@ -48,7 +48,7 @@ def test_provider_order(monkeypatch):
 
 def test_provider_reported_is_the_one_the_session_got(model_file, caplog):
     """onnxruntime-gpu lists CUDA even without a GPU and falls back silently: we report what really runs."""
-    model = OrtModel(model_file, "input", ["logits"], options=RuntimeOptions(device="auto"))
+    model = OrtSessions(model_file, "input", ["logits"], options=RuntimeOptions(device="auto"))
     assert model.provider == model.sessions[0].get_providers()[0]
     if "CUDAExecutionProvider" in ort.get_available_providers() and model.provider == "CPUExecutionProvider":
         assert "CUDAExecutionProvider" in runtime._fallback_reported
@@ -56,10 +56,10 @@ def test_provider_reported_is_the_one_the_session_got(model_file, caplog):
 
 def test_bucketed_binding_pads_to_its_bucket_and_matches_plain_runs(model_file):
     """The CUDA-graph runner's logic (buffers bound once per bucket, padding, slicing back), on the CPU."""
-    from serving.runtime import BucketedBinding, batch_buckets
+    from serving.server.runtime import BucketedBinding, batch_buckets
 
     assert batch_buckets(12) == [1, 2, 4, 8, 12] and batch_buckets(1) == [1]
-    model = OrtModel(model_file, "input", ["logits", "features"], options=RuntimeOptions(device="cpu"))
+    model = OrtSessions(model_file, "input", ["logits", "features"], options=RuntimeOptions(device="cpu"))
     runner = BucketedBinding(model.sessions[0], "input", device="cpu")
     runner.prepare((1, 28, 28), 12, ["logits", "features"])
     assert list(runner.slots) == [1, 2, 4, 8, 12]
@@ -71,5 +71,5 @@ def test_bucketed_binding_pads_to_its_bucket_and_matches_plain_runs(model_file):
         np.testing.assert_allclose(logits, expected[0], atol=1e-5)
         np.testing.assert_allclose(features, expected[1], atol=1e-5)
         assert runner.run(x, ["logits"])[0].shape == (k, 10)
-    with pytest.raises(ValueError, match="larger than the largest bucket"):
+    with pytest.raises(RuntimeError, match="larger than the largest bucket"):
         runner.run(np.zeros((13, 1, 28, 28), np.float32), ["logits"])

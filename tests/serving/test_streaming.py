@@ -2,7 +2,7 @@
 
 import asyncio
 
-from serving.api.streaming import answer_in_order
+from serving.server.api.streaming import answer_in_order
 
 
 async def requests(n):

@@ -35,13 +35,12 @@ class AlexNet(ImageClassifier):
     classic_head_reason = ("with the classic head, fc6/fc7 with ReLU between them are nonlinear in the conv5 maps, "
                            "so CAM is undefined; use alexnet_gap")
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 1000, input_size: Sequence[int] = (224, 224),
+    def __init__(self, in_channels: int = 3, num_classes: int = 1000, input_size: int | Sequence[int] = (224, 224),
                  head: str = "classic", dropout: float | None = None, batch_norm: bool = False, fc_width: int = 4096,
                  gap_channels: int = 1024, **norm):
         super().__init__(in_channels, num_classes, input_size, **norm)
         if head not in ("classic", "gap"):
             raise ValueError(f"unknown head {head!r}; use 'classic' or 'gap'")
-        self.head_type = head
         self.small_input = min(self.input_size) < 64
         bn = batch_norm
         if dropout is None:

@@ -23,12 +23,14 @@ class ImageClassifier(nn.Module):
     """Base class: holds the input contract and normalisation (kept in the graph, so exported models
     take pixels scaled to [0, 1] and any runtime, Triton included, serves them correctly)."""
 
-    def __init__(self, in_channels: int, num_classes: int, input_size: Sequence[int],
+    def __init__(self, in_channels: int, num_classes: int, input_size: int | Sequence[int],
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
         super().__init__()
         self.in_channels = in_channels
         self.num_classes = num_classes
-        self.input_size = (int(input_size[0]), int(input_size[1]))
+        # An int means a square input, as torchvision and timm accept.
+        size = (input_size, input_size) if isinstance(input_size, int) else input_size
+        self.input_size = (int(size[0]), int(size[1]))
         mean = list(mean) if mean is not None else [0.5] * in_channels
         std = list(std) if std is not None else [0.5] * in_channels
         if len(mean) != in_channels or len(std) != in_channels:

@@ -27,7 +27,7 @@ class LeNet5(ImageClassifier):
     classic_head_reason = ("with the classic head, the fully connected layers F5/F6 are separated by nonlinearities, "
                            "so the logits are not linear in the conv maps; use head='gap' (lenet5_gap) for CAM")
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, input_size: Sequence[int] = (32, 32),
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, input_size: int | Sequence[int] = (32, 32),
                  activation: str = "tanh", head: str = "classic", batch_norm: bool = False,
                  dropout: float = 0.0, padding: int | None = None, **norm):
         super().__init__(in_channels, num_classes, input_size, **norm)
@@ -50,7 +50,6 @@ class LeNet5(ImageClassifier):
         # Features stop before the second pool: the GAP head then sees 10x10 maps (same mean as 5x5 after
         # average pooling, twice the CAM resolution); the classic head does that pool itself.
         self.features = nn.Sequential(*conv(in_channels, 6, padding), nn.AvgPool2d(2), *conv(6, 16, 0))
-        self.head_type = head
         if head == "gap":
             self.head: nn.Module = GapHead(16, num_classes, dropout)
         else:

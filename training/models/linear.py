@@ -34,7 +34,7 @@ def _num_outputs(num_classes: int, binary: bool) -> int:
 class LinearClassifier(ImageClassifier):
     """Flatten + one Linear layer over C*H*W normalised pixels (family `linear`)."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, input_size: Sequence[int] = (28, 28),
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, input_size: int | Sequence[int] = (28, 28),
                  binary: bool = False, **norm):
         super().__init__(in_channels, num_classes, input_size, **norm)
         self.binary = binary
@@ -58,7 +58,7 @@ class MLP(ImageClassifier):
     With `hidden=()` it is the linear classifier and keeps its CAM.
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, input_size: Sequence[int] = (28, 28),
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, input_size: int | Sequence[int] = (28, 28),
                  hidden: Sequence[int] = (256, 128), activation: str = "relu", dropout: float = 0.0,
                  binary: bool = False, **norm):
         super().__init__(in_channels, num_classes, input_size, **norm)

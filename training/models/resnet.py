@@ -121,7 +121,7 @@ def _init_weights(model: nn.Module, zero_init_residual: bool) -> None:
 
 class ResNet(ImageClassifier):
     def __init__(self, block: Block, layers: Sequence[int], in_channels: int = 3, num_classes: int = 1000,
-                 input_size: Sequence[int] = (224, 224), batch_norm: bool = True, dropout: float = 0.0,
+                 input_size: int | Sequence[int] = (224, 224), batch_norm: bool = True, dropout: float = 0.0,
                  zero_init_residual: bool = True, small_stem: bool | None = None, **norm):
         super().__init__(in_channels, num_classes, input_size, **norm)
         if small_stem is None:
@@ -159,7 +159,7 @@ class ResNet(ImageClassifier):
 
 class CifarResNet(ImageClassifier):
     def __init__(self, depth: int = 20, in_channels: int = 3, num_classes: int = 10,
-                 input_size: Sequence[int] = (32, 32), shortcut: str = "B", widths: Sequence[int] = (16, 32, 64),
+                 input_size: int | Sequence[int] = (32, 32), shortcut: str = "B", widths: Sequence[int] = (16, 32, 64),
                  batch_norm: bool = True, dropout: float = 0.0, zero_init_residual: bool = True, **norm):
         super().__init__(in_channels, num_classes, input_size, **norm)
         if (depth - 2) % 6 != 0 or depth < 8:

@@ -42,7 +42,7 @@ class VGG(ImageClassifier):
                            "so CAM is undefined; use head='gap' (e.g. vgg16_gap)")
 
     def __init__(self, config: str | Sequence[int | str] = "D", in_channels: int = 3, num_classes: int = 1000,
-                 input_size: Sequence[int] = (224, 224), batch_norm: bool = False, head: str = "classic",
+                 input_size: int | Sequence[int] = (224, 224), batch_norm: bool = False, head: str = "classic",
                  dropout: float | None = None, fc_width: int = 4096, gap_channels: int = 1024, **norm):
         super().__init__(in_channels, num_classes, input_size, **norm)
         if head not in ("classic", "gap"):
@@ -55,7 +55,6 @@ class VGG(ImageClassifier):
         final_pool = bool(cfg) and cfg[-1] == M
         if final_pool:
             cfg = cfg[:-1]
-        self.head_type = head
 
         layers: list[nn.Module] = []
         cin, (h, w) = in_channels, self.input_size

@@ -1,0 +1,21 @@
+"""The Python client for classifier.v1: sync and asyncio, numpy in / numpy out, typed results.
+
+This package is the base install (grpcio, protobuf, numpy): it imports nothing of the server or of
+training, which an import contract (`.importlinter`) checks.
+
+    from serving.client import ClassifierClient
+    with ClassifierClient("127.0.0.1:8001") as client:
+        preds = client.classify(["shoe.png"], model="fashion_mnist", top_k=3)
+        print(preds[0][0].label, preds[0][0].score)
+        cams = client.explain(["shoe.png"], model="fashion_mnist", overlay=True)
+
+Channels are reused across calls; several targets are used round robin (one job, many replicas); calls
+that fail with UNAVAILABLE are retried with exponential backoff; every call has a deadline.
+"""
+
+from .aio import AsyncClassifierClient
+from .messages import Explanation, ImageLike, ModelInfo, Prediction, to_wire_image
+from .sync import RETRYABLE, ClassifierClient
+
+__all__ = ["AsyncClassifierClient", "ClassifierClient", "Explanation", "ImageLike", "ModelInfo", "Prediction",
+           "RETRYABLE", "to_wire_image"]

@@ -1,0 +1,109 @@
+"""The asyncio client for classifier.v1: the calls of the blocking one, awaitable."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Iterable, Sequence
+
+import grpc
+
+from ..wire.classifier.v1 import classifier_pb2 as pb
+from ..wire.classifier.v1 import classifier_pb2_grpc as pb_grpc
+from .messages import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Explanation,
+    ImageLike,
+    ModelInfo,
+    Prediction,
+    channel_options,
+    explain_request,
+    explanations,
+    model_info,
+    predictions,
+    to_wire_image,
+)
+from .sync import RETRYABLE
+
+
+class AsyncClassifierClient:
+    """asyncio client with the same calls as ClassifierClient (awaitable)."""
+
+    def __init__(self, targets: str | Sequence[str], timeout_s: float = 30.0, retries: int = 3,
+                 backoff_s: float = 0.1, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.targets = [targets] if isinstance(targets, str) else list(targets)
+        self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
+        self._channels = [grpc.aio.insecure_channel(t, options=channel_options(max_message_bytes))
+                          for t in self.targets]
+        self._stubs = [pb_grpc.ClassifierStub(c) for c in self._channels]
+        self._next = itertools.cycle(range(len(self._stubs)))
+
+    async def _call(self, method: str, request, timeout_s: float | None = None):
+        delay = self.backoff_s
+        for attempt in range(self.retries + 1):
+            stub = self._stubs[next(self._next)]
+            try:
+                return await getattr(stub, method)(request, timeout=timeout_s or self.timeout_s)
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in RETRYABLE or attempt == self.retries:
+                    raise
+                await asyncio.sleep(delay)
+                delay *= 2
+
+    async def classify(self, images: Iterable[ImageLike], model: str = "", top_k: int = 5,
+                       version: int = 0) -> list[list[Prediction]]:
+        req = pb.ClassifyRequest(model=model, version=version, top_k=top_k, images=[to_wire_image(i) for i in images])
+        return [predictions(c) for c in (await self._call("Classify", req)).results]
+
+    async def explain(self, images: Iterable[ImageLike], model: str = "", target_class: int | None = None,
+                      overlay: bool = False, version: int = 0) -> list[Explanation]:
+        req = explain_request(images, model, version, target_class, overlay)
+        return explanations(await self._call("Explain", req))
+
+    async def list_models(self) -> dict[str, list[int]]:
+        resp = await self._call("ListModels", pb.ListModelsRequest())
+        return {m.name: list(m.versions) for m in resp.models}
+
+    async def get_model(self, model: str = "", version: int = 0) -> ModelInfo:
+        return model_info(await self._call("GetModel", pb.GetModelRequest(model=model, version=version)))
+
+    async def classify_stream(self, batches: AsyncIterator[tuple[str, Sequence[ImageLike]]] | Iterable,
+                              model: str = "", top_k: int = 5, window: int = 16,
+                              target_index: int | None = None) -> AsyncIterator:
+        """As ClassifierClient.classify_stream; `target_index` pins the stream to one target (one stream per
+        replica), otherwise targets are taken round robin. Closing the iterator cancels the call."""
+        slots = asyncio.Semaphore(window)
+
+        async def requests():
+            async for request_id, images in _aiter(batches):
+                await slots.acquire()
+                yield pb.StreamClassifyRequest(
+                    request_id=request_id,
+                    request=pb.ClassifyRequest(model=model, top_k=top_k, images=[to_wire_image(i) for i in images]))
+
+        call = self._stubs[next(self._next) if target_index is None else target_index].ClassifyStream(requests())
+        try:
+            async for response in call:
+                slots.release()
+                yield response
+        finally:
+            call.cancel()  # an abandoned iterator must not leave the stream (and its request feed) open
+
+    async def close(self) -> None:
+        for c in self._channels:
+            await c.close()
+
+    async def __aenter__(self) -> AsyncClassifierClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+async def _aiter(items):
+    if hasattr(items, "__aiter__"):
+        async for x in items:
+            yield x
+    else:
+        for x in items:
+            yield x

@@ -1,0 +1,106 @@
+"""The blocking client for classifier.v1."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+
+import grpc
+
+from ..wire.classifier.v1 import classifier_pb2 as pb
+from ..wire.classifier.v1 import classifier_pb2_grpc as pb_grpc
+from .messages import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Explanation,
+    ImageLike,
+    ModelInfo,
+    Prediction,
+    channel_options,
+    explain_request,
+    explanations,
+    model_info,
+    predictions,
+    to_wire_image,
+)
+
+# Calls worth repeating on another try: the server is restarting or not ready yet, not the request being bad.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
+class ClassifierClient:
+    """Blocking client. `targets` is "host:port" or a list of them (round robin per call)."""
+
+    def __init__(self, targets: str | Sequence[str], timeout_s: float = 30.0, retries: int = 3,
+                 backoff_s: float = 0.1, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.targets = [targets] if isinstance(targets, str) else list(targets)
+        self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
+        self._channels = [grpc.insecure_channel(t, options=channel_options(max_message_bytes)) for t in self.targets]
+        self._stubs = [pb_grpc.ClassifierStub(c) for c in self._channels]
+        self._next = itertools.cycle(range(len(self._stubs)))
+
+    def _call(self, method: str, request, timeout_s: float | None = None):
+        delay = self.backoff_s
+        for attempt in range(self.retries + 1):
+            stub = self._stubs[next(self._next)]
+            try:
+                return getattr(stub, method)(request, timeout=timeout_s or self.timeout_s)
+            except grpc.RpcError as e:
+                if e.code() not in RETRYABLE or attempt == self.retries:
+                    raise
+                time.sleep(delay)
+                delay *= 2
+
+    def classify(self, images: Iterable[ImageLike], model: str = "", top_k: int = 5,
+                 version: int = 0) -> list[list[Prediction]]:
+        req = pb.ClassifyRequest(model=model, version=version, top_k=top_k, images=[to_wire_image(i) for i in images])
+        return [predictions(c) for c in self._call("Classify", req).results]
+
+    def explain(self, images: Iterable[ImageLike], model: str = "", target_class: int | None = None,
+                overlay: bool = False, version: int = 0) -> list[Explanation]:
+        return explanations(self._call("Explain", explain_request(images, model, version, target_class, overlay)))
+
+    def list_models(self) -> dict[str, list[int]]:
+        return {m.name: list(m.versions) for m in self._call("ListModels", pb.ListModelsRequest()).models}
+
+    def get_model(self, model: str = "", version: int = 0) -> ModelInfo:
+        return model_info(self._call("GetModel", pb.GetModelRequest(model=model, version=version)))
+
+    def classify_stream(self, batches: Iterable[tuple[str, Sequence[ImageLike]]], model: str = "", top_k: int = 5,
+                        window: int = 16, target_index: int | None = None) -> Iterator[pb.StreamClassifyResponse]:
+        """Stream (request_id, images) batches; at most `window` requests are in flight at once.
+        Yields the server's responses in order (request_id echoed, error_code set on a failed item)."""
+        slots = threading.Semaphore(window)
+        stop = threading.Event()
+
+        def requests():
+            for request_id, images in batches:
+                while not slots.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+                yield pb.StreamClassifyRequest(
+                    request_id=request_id,
+                    request=pb.ClassifyRequest(model=model, top_k=top_k, images=[to_wire_image(i) for i in images]))
+
+        stub = self._stubs[next(self._next) if target_index is None else target_index]
+        call = stub.ClassifyStream(requests())
+        try:
+            for response in call:
+                slots.release()
+                yield response
+        finally:
+            stop.set()
+            call.cancel()
+
+    def close(self) -> None:
+        for c in self._channels:
+            c.close()
+
+    def __enter__(self) -> ClassifierClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,63 @@
+"""`python -m serving batch`: classify a whole data set to JSONL/CSV, resumable, with a summary.
+
+    python -m serving batch --idx-images t10k-images-idx3-ubyte.gz --idx-labels t10k-labels-idx1-ubyte.gz \\
+        --server host1:8001,host2:8001 --output preds.jsonl --cam-dir cams --cam-mistakes-only
+
+Inputs: an IDX pair, an .npz (`images` uint8 [N, H, W(, C)], optional `labels`), a folder of images (one
+subfolder per class gives labels) or a CSV/text list of paths (optional second column: the label).
+Rows are appended as answers arrive: run the same command again after an interruption and it goes on
+where it stopped. At the end a summary (accuracy, per-class precision and recall, a confusion matrix and a
+contact sheet of the most confident mistakes) lands next to the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from . import grpc_engine
+from .errors import BatchError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", nargs="?", help="a folder of images (subfolders = classes), an .npz, a .csv/.txt "
+                   "list (path[,label] per line) or an IDX images file")
+    p.add_argument("--idx-images", help="IDX images file (.gz or not), e.g. t10k-images-idx3-ubyte.gz")
+    p.add_argument("--idx-labels", help="IDX labels file matching --idx-images")
+    p.add_argument("--server", default="127.0.0.1:8001", help="host:port, comma-separated for several "
+                   "replicas (one stream each, requests dealt round robin)")
+    p.add_argument("--model", default="", help="model name (default: the only one served)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds a call (or a silent stream) may take")
+    p.add_argument("-o", "--output", default="predictions.jsonl", help="JSONL, or CSV when it ends in .csv; "
+                   "an existing file is resumed")
+    p.add_argument("--batch-size", type=int, default=64, help="images per request")
+    p.add_argument("--window", type=int, default=8, help="requests in flight per stream")
+    p.add_argument("--top-k", type=int, default=5, help="predictions kept per image")
+    p.add_argument("--cam-dir", help="write a CAM overlay PNG per image here (via Explain)")
+    p.add_argument("--cam-mistakes-only", action="store_true", help="CAM overlays only for misclassified images")
+    p.add_argument("--sheet-size", type=int, default=16, help="mistakes on the contact sheet")
+    p.add_argument("--stop-after", type=int, help="classify at most this many images now, then stop (resumable)")
+    p.add_argument("--retries", type=int, default=3, help="retries of a request or stream on UNAVAILABLE/busy")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or args.window < 1:
+        print("error: --batch-size and --window must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(grpc_engine.run_job(args))
+    except BatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def add_subcommands(subparsers) -> None:
+    p = subparsers.add_parser("batch", help="classify a whole data set (IDX, npz, folder, list) to JSONL/CSV",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)

@@ -1,0 +1,307 @@
+"""The gRPC engine of batch jobs: classify a whole data set through ClassifyStream on one or more servers.
+
+Images go out in requests of --batch-size, at most --window requests in flight per stream, one stream per
+server address, requests dealt round robin over the streams. Rows are appended to the output as answers
+arrive, so an interrupted job resumes where it stopped: ids already in the output are skipped and a
+half-written last line is dropped and redone. A stream that breaks is reopened; an address that keeps
+failing is dropped and its requests go to the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from ..client import AsyncClassifierClient, ModelInfo
+from .errors import BatchError
+from .output import Output, cam_file_name
+from .report import mistakes_sheet, plot_confusion_matrix, summarize, worst_mistakes, write_summary
+from .sources import Source, open_source, resolve_labels
+
+# Per-request errors worth sending again: the replica is busy or restarting, not the input being bad.
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}
+# A whole stream that breaks (or goes silent past the deadline) is reopened on the same address.
+STREAM_RETRYABLE = RETRYABLE | {grpc.StatusCode.DEADLINE_EXCEEDED}
+_STATUS_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
+
+
+@dataclass
+class _Request:
+    request_id: str
+    positions: np.ndarray
+    attempts: int = 0
+
+
+@dataclass
+class JobOptions:
+    top_k: int = 5
+    batch_size: int = 64
+    window: int = 8
+    timeout_s: float = 30.0
+    retries: int = 3
+    backoff_s: float = 0.2
+    cam_dir: Path | None = None
+    cam_mistakes_only: bool = False
+    progress: bool = True
+
+
+@dataclass
+class RunStats:
+    images: int = 0
+    seconds: float = 0.0
+    model_versions: set = field(default_factory=set)
+    retired: list[str] = field(default_factory=list)
+
+
+class StreamJob:
+    """Deals requests round robin over one ClassifyStream per target and writes every answer."""
+
+    def __init__(self, client: AsyncClassifierClient, source: Source, info: ModelInfo, true_index: np.ndarray,
+                 true_names: np.ndarray, output: Output, todo: np.ndarray, done: int, options: JobOptions):
+        self.client, self.source, self.info, self.output, self.o = client, source, info, output, options
+        self.true_index, self.true_names = true_index, true_names
+        self.has_labels = len(true_index) > 0
+        self.queues: list[collections.deque[_Request]] = [collections.deque() for _ in client.targets]
+        for n, start in enumerate(range(0, len(todo), options.batch_size)):
+            self.queues[n % len(self.queues)].append(_Request(str(n), todo[start:start + options.batch_size]))
+        self.live = list(range(len(self.queues)))
+        self.stats = RunStats()
+        self._cam_slots = asyncio.Semaphore(max(2, options.window))
+        self._writes: list[asyncio.Task] = []          # explanations (then rows) not yet written
+        self._last_write: dict[int, asyncio.Task] = {}  # per stream, so its rows keep the order answered
+        self._bar = None
+        self._total, self._initial = len(source), done
+
+    async def run(self) -> RunStats:
+        from tqdm import tqdm
+        started = time.perf_counter()
+        self._bar = tqdm(total=self._total, initial=self._initial, unit="img", disable=not self.o.progress,
+                         smoothing=0.1, dynamic_ncols=True)
+        try:
+            while todo := [i for i in self.live if self.queues[i]]:
+                try:
+                    async with asyncio.TaskGroup() as group:
+                        for i in todo:
+                            group.create_task(self._stream(i))
+                except ExceptionGroup as eg:  # the first failure tells the story; the rest are its echoes
+                    raise eg.exceptions[0] from None
+            await asyncio.gather(*self._writes)
+        finally:
+            self._bar.close()
+            self.stats.seconds = time.perf_counter() - started
+        return self.stats
+
+    async def _stream(self, i: int) -> None:
+        queue, target, failures = self.queues[i], self.client.targets[i], 0
+        while queue and i in self.live:
+            in_flight: collections.deque[_Request] = collections.deque()
+            responses = self.client.classify_stream(self._feed(queue, in_flight), model=self.info.name,
+                                                    top_k=self.o.top_k, window=self.o.window, target_index=i)
+            try:
+                while True:
+                    try:
+                        # A silent stream past the deadline is treated like a broken one.
+                        async with asyncio.timeout(self.o.timeout_s):
+                            response = await anext(responses)
+                    except StopAsyncIteration:
+                        break
+                    request = in_flight.popleft()
+                    if response.request_id != request.request_id:
+                        raise BatchError(f"{target} answered request {response.request_id!r} where "
+                                         f"{request.request_id!r} was due")
+                    failures = 0
+                    await self._answer(i, request, response)
+            except (grpc.aio.AioRpcError, TimeoutError) as e:
+                code = e.code() if isinstance(e, grpc.aio.AioRpcError) else grpc.StatusCode.DEADLINE_EXCEEDED
+                detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else f"no answer in {self.o.timeout_s:g}s"
+                if code not in STREAM_RETRYABLE:
+                    raise BatchError(f"{target}: {code.name}: {detail}") from None
+                queue.extendleft(reversed(in_flight))  # unanswered requests go again, first
+                failures += 1
+                if failures > self.o.retries:
+                    self._retire(i, f"{code.name}: {detail}")
+                    return
+                await asyncio.sleep(self.o.backoff_s * 2 ** (failures - 1))
+            finally:
+                await responses.aclose()
+
+    async def _feed(self, queue: collections.deque[_Request], in_flight: collections.deque[_Request]):
+        while queue:
+            request = queue.popleft()
+            in_flight.append(request)  # before it is sent, so a broken stream knows what to redo
+            yield request.request_id, self.source.images(request.positions)
+
+    def _retire(self, i: int, reason: str) -> None:
+        """A target that keeps failing hands its requests to the others."""
+        target = self.client.targets[i]
+        self.live.remove(i)
+        self.stats.retired.append(f"{target} ({reason})")
+        if not self.live:
+            raise BatchError(f"every server failed; last: {target}: {reason}")
+        print(f"\nwarning: giving up on {target} after {self.o.retries} retries ({reason}); its "
+              f"{len(self.queues[i])} requests go to the other servers", file=sys.stderr)
+        for n, request in enumerate(self.queues[i]):
+            self.queues[self.live[n % len(self.live)]].append(request)
+        self.queues[i].clear()
+
+    async def _answer(self, i: int, request: _Request, response) -> None:
+        queue = self.queues[i]
+        if response.error_code:
+            code = _STATUS_BY_VALUE.get(response.error_code, grpc.StatusCode.UNKNOWN)
+            if code in RETRYABLE:
+                request.attempts += 1
+                if request.attempts > self.o.retries:
+                    raise BatchError(f"request {request.request_id}: {code.name} after {self.o.retries} retries: "
+                                     f"{response.error_message}")
+                await asyncio.sleep(self.o.backoff_s * 2 ** (request.attempts - 1))
+                queue.appendleft(request)
+            elif len(request.positions) > 1:
+                # One bad image fails its whole request: resend one by one to find it and keep the rest.
+                queue.extendleft(reversed([_Request(f"{request.request_id}.{j}", request.positions[j:j + 1])
+                                           for j in range(len(request.positions))]))
+            else:
+                pos = int(request.positions[0])
+                row = {"id": self.source.ids[pos], "error": f"{code.name}: {response.error_message}"}
+                self._write([self._with_file(row, pos)])
+            return
+        reply = response.response
+        self.stats.model_versions.add((reply.model, reply.version))
+        rows, predicted = [], np.empty(len(request.positions), np.int64)
+        for j, (pos, result) in enumerate(zip(request.positions.tolist(), reply.results, strict=True)):
+            preds = result.predictions
+            predicted[j] = preds[0].index
+            rows.append(self._with_file({"id": self.source.ids[pos], "labels": [p.label for p in preds],
+                                         "scores": [round(p.score, 6) for p in preds]}, pos))
+        mistake = np.zeros(len(rows), bool)
+        if self.has_labels:
+            names = self.true_names[request.positions]
+            known = names != ""  # folder inputs may mix labelled subfolders with unlabelled top-level files
+            mistake = known & (predicted != self.true_index[request.positions])
+            for row, name, has, wrong in zip(rows, names.tolist(), known.tolist(), mistake.tolist(), strict=True):
+                if has:
+                    row["true_label"], row["correct"] = name, not wrong
+        if self.o.cam_dir is None:
+            self._write(rows)
+            return
+        wanted = mistake if self.o.cam_mistakes_only else np.ones(len(rows), bool)
+        for task in [t for t in self._writes if t.done()]:
+            self._writes.remove(task)
+            task.result()  # a failed explanation stops the job here rather than at the end
+        await self._cam_slots.acquire()  # bounds the explanations pending, which holds back the stream
+        task = asyncio.create_task(self._explain_then_write(request.positions[wanted], rows, wanted,
+                                                            self._last_write.get(i)))
+        self._writes.append(task)
+        self._last_write[i] = task
+
+    async def _explain_then_write(self, positions: np.ndarray, rows: list[dict], wanted: np.ndarray,
+                                  after: asyncio.Task | None) -> None:
+        """CAM files first, then the rows: a resumed job never skips an image whose overlay is missing."""
+        try:
+            if len(positions):
+                try:
+                    explanations = await self.client.explain(self.source.images(positions), model=self.info.name,
+                                                             overlay=True)
+                except grpc.aio.AioRpcError as e:  # not the stream's failure: stop, the rows stay to be redone
+                    raise BatchError(f"Explain failed: {e.code().name}: {e.details()}") from None
+                for j, e in zip(np.flatnonzero(wanted).tolist(), explanations, strict=True):
+                    path = self.o.cam_dir / cam_file_name(rows[j]["id"])
+                    path.write_bytes(e.overlay_png)
+                    rows[j]["cam"] = str(path)
+            if after is not None:
+                await after
+            self._write(rows)
+        finally:
+            self._cam_slots.release()
+
+    def _with_file(self, row: dict, pos: int) -> dict:
+        if self.source.files is not None:
+            row["file"] = str(self.source.files[pos])
+        return row
+
+    def _write(self, rows: list[dict]) -> None:
+        self.output.append(rows)
+        self.stats.images += len(rows)
+        self._bar.update(len(rows))
+
+
+async def run_job(args: argparse.Namespace) -> int:
+    source = open_source(args)
+    targets = [t.strip() for t in args.server.split(",") if t.strip()]
+    async with AsyncClassifierClient(targets, timeout_s=args.timeout) as client:
+        info = await client.get_model(args.model)
+        top_k = max(1, min(args.top_k, len(info.labels)))
+        output = Output(args.output, top_k)
+        done = {r["id"] for r in output.resume()}
+        todo = np.flatnonzero(~np.isin(np.array(source.ids), list(done))) if done else np.arange(len(source))
+        already = len(source) - len(todo)  # ids of this input found in the output
+        if args.stop_after is not None:
+            todo = todo[:args.stop_after]
+        true_index, true_names = resolve_labels(source.labels, info.labels)
+        cam_dir = Path(args.cam_dir) if args.cam_dir else None
+        if cam_dir and not info.supports_cam:
+            print(f"warning: {info.name} cannot explain ({info.cam_unsupported_reason}); no CAM overlays",
+                  file=sys.stderr)
+            cam_dir = None
+        if cam_dir:
+            cam_dir.mkdir(parents=True, exist_ok=True)
+        if cam_dir and args.cam_mistakes_only and source.labels is None:
+            print("warning: --cam-mistakes-only without labels: no image is known to be a mistake", file=sys.stderr)
+        print(f"{source.description}: {len(source)} images, {already} done already, {len(todo)} to classify "
+              f"with {info.name} v{info.version} on {len(targets)} server(s)", file=sys.stderr)
+        options = JobOptions(top_k=top_k, batch_size=args.batch_size, window=args.window,
+                             timeout_s=args.timeout, retries=args.retries, cam_dir=cam_dir,
+                             cam_mistakes_only=args.cam_mistakes_only, progress=not args.no_progress)
+        output.open()
+        try:
+            job = StreamJob(client, source, info, true_index, true_names, output, todo, already, options)
+            stats = await job.run()
+        finally:
+            output.close()
+        if len(stats.model_versions) > 1:
+            print(f"warning: the servers answered with different models: {sorted(stats.model_versions)}",
+                  file=sys.stderr)
+        rows = output.resume()
+        left = len(source) - len({r["id"] for r in rows} & set(source.ids))
+        if left:
+            print(f"stopped with {left} of {len(source)} images still to classify; run the same command again "
+                  f"(without --stop-after) to go on", file=sys.stderr)
+            return 0
+        summary = {"input": source.description, "output": str(output.path), "model": info.name,
+                   "versions": sorted(v for _, v in stats.model_versions) or [info.version],
+                   "servers": targets, **summarize(rows, info.labels), "images_this_run": stats.images,
+                   "seconds": round(stats.seconds, 3),
+                   "images_per_second": round(stats.images / stats.seconds, 1) if stats.images else None}
+        if stats.retired:
+            summary["servers_given_up"] = stats.retired
+        base = str(output.path)
+        if "confusion_matrix" in summary:
+            png = plot_confusion_matrix(np.array(summary["confusion_matrix"]), info.labels,
+                                        Path(base + ".confusion.png"), info.name)
+            summary["confusion_png"] = str(png) if png else None
+            mistakes = worst_mistakes(rows, source, args.sheet_size)
+            pictures = await _mistake_pictures(client, source, mistakes, info.name)
+            sheet = mistakes_sheet(mistakes, pictures, Path(base + ".mistakes.png"))
+            summary["mistakes_png"] = str(sheet) if sheet else None
+        write_summary(summary, base)
+    return 0
+
+
+async def _mistake_pictures(client: AsyncClassifierClient, source: Source, mistakes: list[dict], model: str) -> list:
+    """CAM overlays of the mistakes (Explain), or the inputs themselves when the model cannot explain."""
+    position = {image_id: p for p, image_id in enumerate(source.ids)}
+    positions = np.array([position[r["id"]] for r in mistakes], np.int64)
+    if not len(positions):
+        return []
+    try:
+        return [e.overlay_png for e in await client.explain(source.images(positions), model=model, overlay=True)]
+    except grpc.aio.AioRpcError as e:
+        print(f"no CAM overlays on the mistakes sheet ({e.code().name}: {e.details()})", file=sys.stderr)
+        return [source.picture(int(p)) for p in positions]

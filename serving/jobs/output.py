@@ -1,0 +1,104 @@
+"""A batch job's output: one row per image, appended as answers arrive (JSONL, or CSV), read back to resume
+an interrupted job and to summarise."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+from .errors import BatchError
+
+
+class Output:
+    """Append-only JSONL or CSV of one row per image, readable back for resuming and the summary."""
+
+    def __init__(self, path: str | Path, top_k: int):
+        self.path = Path(path)
+        self.csv = self.path.suffix.lower() == ".csv"
+        self.columns = ["id", "file", "true_label", "correct", "error"] + [
+            f"{kind}_{i}" for i in range(1, top_k + 1) for kind in ("label", "score")]
+        self._file = None
+
+    def resume(self) -> list[dict]:
+        """Rows already written; a last line cut short by an interruption is removed from the file."""
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        cut = data.rfind(b"\n") + 1
+        if cut < len(data):
+            print(f"{self.path}: dropping a half-written last line ({len(data) - cut} bytes); it is redone",
+                  file=sys.stderr)
+            with self.path.open("r+b") as f:
+                f.truncate(cut)
+            data = data[:cut]
+        text = data.decode("utf-8")
+        if not self.csv:
+            rows = []
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise BatchError(f"{self.path}:{n} is not JSON ({e}); fix or remove the file") from None
+            return rows
+        reader = csv.reader(io.StringIO(text))
+        header = next(reader, None)
+        if header is None:
+            return []
+        if header != self.columns:
+            raise BatchError(f"{self.path} has columns {header}; this run writes {self.columns} (another --top-k?). "
+                             f"Use the same options or another --output")
+        return [_row_from_csv(dict(zip(header, r, strict=False))) for r in reader if r]
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not self.path.exists() or self.path.stat().st_size == 0
+        self._file = self.path.open("a", encoding="utf-8", newline="")
+        if self.csv and fresh:
+            self._file.write(",".join(self.columns) + "\n")
+
+    def append(self, rows: list[dict]) -> None:
+        """One write and flush per answered request: an interruption loses at most the line being written."""
+        if self.csv:
+            buf = io.StringIO()
+            writer = csv.writer(buf, lineterminator="\n")
+            writer.writerows(_row_to_csv(r, self.columns) for r in rows)
+            text = buf.getvalue()
+        else:
+            text = "".join(json.dumps(r, separators=(",", ":"), ensure_ascii=False) + "\n" for r in rows)
+        self._file.write(text)
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+            self._file = None
+
+
+def _row_to_csv(row: dict, columns: list[str]) -> list:
+    flat = {"id": row["id"], "file": row.get("file", ""), "true_label": row.get("true_label", ""),
+            "correct": "" if "correct" not in row else str(row["correct"]).lower(), "error": row.get("error", "")}
+    for i, (label, score) in enumerate(zip(row.get("labels", []), row.get("scores", []), strict=True), 1):
+        flat[f"label_{i}"], flat[f"score_{i}"] = label, score
+    return [flat.get(c, "") for c in columns]
+
+
+def _row_from_csv(flat: dict) -> dict:
+    row: dict = {"id": flat["id"]}
+    for key in ("file", "true_label", "error"):
+        if flat.get(key):
+            row[key] = flat[key]
+    if flat.get("correct"):
+        row["correct"] = flat["correct"] == "true"
+    k = sum(1 for c in flat if c.startswith("label_") and flat[c] != "")
+    row["labels"] = [flat[f"label_{i}"] for i in range(1, k + 1)]
+    row["scores"] = [float(flat[f"score_{i}"]) for i in range(1, k + 1)]
+    return row
+
+
+def cam_file_name(image_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("_") + ".png"

@@ -1,0 +1,223 @@
+"""The on-disk model repository format, shared by the exporter (training) and the server.
+
+It imports neither torch nor onnxruntime: config.pbtxt (Triton's schema), labels, per-version metadata,
+version numbering and staging live here, so that what training writes and what the server reads are
+defined once.
+
+Layout of a model repository (Triton's):
+    <repo>/<model>/config.pbtxt          platform onnxruntime_onnx, max_batch_size, inputs/outputs,
+                                         dynamic_batching, instance_group, version_policy, parameters
+    <repo>/<model>/labels.txt            one class name per line (output label_filename)
+    <repo>/<model>/<version>/model.onnx
+    <repo>/<model>/<version>/metadata.json   metrics, parity error, precision (ours; Triton ignores it)
+    <repo>/<model>/<version>/cam_weights.npy W [K, C, h', w'] for class activation maps (ours)
+
+Model-level extras live in `parameters` as strings: `preprocessing` (JSON: channels, height, width, mean,
+std), `architecture`, `features_output` (the output holding the last conv maps). The parameter count is
+in metadata.json (`parameters`), with the other facts of one version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from .wire.inference import model_config_pb2 as mc
+
+CONFIG_FILE = "config.pbtxt"
+PLATFORM = "onnxruntime_onnx"  # Triton's name for what serves these models
+LABELS_FILE = "labels.txt"
+MODEL_FILE = "model.onnx"
+METADATA_FILE = "metadata.json"
+CAM_WEIGHTS_FILE = "cam_weights.npy"
+
+
+class ConfigError(ValueError):
+    """A model directory whose configuration cannot be used; the message says what to fix."""
+
+
+@dataclass
+class Preprocessing:
+    channels: int
+    height: int
+    width: int
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+
+    @property
+    def color_mode(self) -> str:
+        return "L" if self.channels == 1 else "RGB"
+
+    def to_json(self) -> str:
+        return json.dumps({"channels": self.channels, "height": self.height, "width": self.width,
+                           "mean": self.mean, "std": self.std})
+
+
+@dataclass
+class BatchingOptions:
+    """Dynamic batching knobs of one model (config.pbtxt, then server-wide defaults, then CLI)."""
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 0
+    preferred_batch_sizes: list[int] = field(default_factory=list)
+    max_queue_size: int = 1024
+    priority_levels: int = 1
+    default_priority: int = 1
+    default_timeout_us: int = 0
+    instances: int = 1
+    inline_budget_us: int = 1000  # a lone caller's batches predicted to take less run on the event loop (0 = never)
+    combine_requests: bool = True  # False: each request runs alone (config.pbtxt without dynamic_batching)
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    directory: Path
+    config: mc.ModelConfig
+    labels: list[str]
+    preprocessing: Preprocessing
+    input_name: str
+    logits_output: str
+    features_output: str | None
+    architecture: str
+    batching: BatchingOptions
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def logits_shape(self) -> list[int]:
+        """The logits output's dims without the batch, from the config ([1] for a binary model)."""
+        dims = next((list(o.dims) for o in self.config.output if o.name == self.logits_output and o.dims), None)
+        return dims or [self.num_classes]
+
+
+def class_count(logit_count: int) -> int:
+    """Classes a model with `logit_count` outputs tells apart. One logit is a binary model: it scores the
+    positive class (sigmoid), so two classes. Every consumer of logits asks this one function."""
+    return 2 if logit_count == 1 else logit_count
+
+
+def read_config(model_dir: Path) -> mc.ModelConfig:
+    path = model_dir / CONFIG_FILE
+    if not path.exists():
+        raise ConfigError(f"{path} is missing")
+    try:
+        # Unknown fields (Triton options we do not use) are accepted, so Triton configs load unchanged.
+        return text_format.Parse(path.read_text(), mc.ModelConfig(), allow_unknown_field=True)
+    except text_format.ParseError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def write_config(model_dir: Path, config: mc.ModelConfig) -> None:
+    (model_dir / CONFIG_FILE).write_text(text_format.MessageToString(config))
+
+
+def load_spec(model_dir: Path, defaults: BatchingOptions | None = None, overrides: dict | None = None) -> ModelSpec:
+    """Parse a model directory; batching comes from server defaults, then config.pbtxt, then overrides."""
+    config = read_config(model_dir)
+    name = config.name or model_dir.name
+    if config.name and config.name != model_dir.name:
+        raise ConfigError(f"{model_dir}: config name {config.name!r} differs from the directory name")
+    if config.platform not in ("", PLATFORM) or config.backend not in ("", "onnxruntime"):
+        raise ConfigError(f"{model_dir}: platform {config.platform or config.backend!r} is not onnxruntime_onnx")
+    if len(config.input) != 1:
+        raise ConfigError(f"{model_dir}: expected exactly one input, found {len(config.input)}")
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    inp = config.input[0]
+    dims = list(inp.dims)
+    if "preprocessing" in params:
+        pre = Preprocessing(**json.loads(params["preprocessing"]))
+    elif len(dims) == 3:
+        pre = Preprocessing(channels=int(dims[0]), height=int(dims[1]), width=int(dims[2]))
+    else:
+        raise ConfigError(f"{model_dir}: input dims {dims} are not [C, H, W] and no preprocessing is given")
+    if dims and dims != [pre.channels, pre.height, pre.width]:
+        raise ConfigError(f"{model_dir}: input dims {dims} disagree with preprocessing "
+                          f"[{pre.channels}, {pre.height}, {pre.width}]")
+    features_output = params.get("features_output") or None
+    logits = [o for o in config.output if o.name != features_output]
+    if not logits:
+        raise ConfigError(f"{model_dir}: no logits output")
+    logits_output = logits[0]
+    labels_path = model_dir / (logits_output.label_filename or LABELS_FILE)
+    if labels_path.exists():
+        labels = [line.strip() for line in labels_path.read_text().splitlines() if line.strip()]
+    else:
+        classes = class_count(int(logits_output.dims[-1])) if logits_output.dims else 0
+        labels = [str(i) for i in range(classes)]
+    batching = _batching_options(config, defaults or BatchingOptions())
+    for key, value in (overrides or {}).items():
+        setattr(batching, key, value)
+    return ModelSpec(name, model_dir, config, labels, pre, inp.name, logits_output.name, features_output,
+                     params.get("architecture", ""), batching)
+
+
+def _batching_options(config: mc.ModelConfig, defaults: BatchingOptions) -> BatchingOptions:
+    opts = BatchingOptions(**vars(defaults))
+    opts.preferred_batch_sizes = list(defaults.preferred_batch_sizes)
+    if config.max_batch_size > 0:
+        opts.max_batch_size = config.max_batch_size
+    if config.HasField("dynamic_batching"):
+        db = config.dynamic_batching
+        opts.max_queue_delay_us = int(db.max_queue_delay_microseconds)
+        if db.preferred_batch_size:
+            opts.preferred_batch_sizes = sorted(int(s) for s in db.preferred_batch_size)
+        if db.priority_levels:
+            opts.priority_levels = int(db.priority_levels)
+            opts.default_priority = int(db.default_priority_level or (db.priority_levels + 1) // 2)
+        if db.default_queue_policy.max_queue_size:
+            opts.max_queue_size = int(db.default_queue_policy.max_queue_size)
+        if db.default_queue_policy.default_timeout_microseconds:
+            opts.default_timeout_us = int(db.default_queue_policy.default_timeout_microseconds)
+    elif config.max_batch_size > 0:
+        # Without dynamic_batching Triton runs each request as it comes, never two together: keep that meaning.
+        opts.max_queue_delay_us = 0
+        opts.combine_requests = False
+    if config.instance_group:
+        opts.instances = max(1, sum(g.count or 1 for g in config.instance_group))
+    return opts
+
+
+def read_metadata(version_dir: Path) -> dict:
+    path = version_dir / METADATA_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def list_versions(model_dir: Path) -> list[int]:
+    """Version directories holding a model file, oldest first."""
+    return sorted(int(p.name) for p in model_dir.iterdir()
+                  if p.is_dir() and p.name.isdigit() and (p / MODEL_FILE).exists())
+
+
+def next_version(model_dir: Path) -> int:
+    existing = list_versions(model_dir) if model_dir.exists() else []
+    return (existing[-1] + 1) if existing else 1
+
+
+@contextlib.contextmanager
+def staged_version(model_dir: Path, final: Path) -> Iterator[Path]:
+    """A path to assemble a version directory in, renamed to `final` when the block succeeds: a polling
+    server never sees a half-written version."""
+    with tempfile.TemporaryDirectory(dir=model_dir, prefix=".export-") as tmp:
+        staging = Path(tmp) / "v"
+        yield staging
+        staging.rename(final)
+
+
+def select_versions(config: mc.ModelConfig, available: list[int]) -> list[int]:
+    """Triton's version policy: latest N (default 1), all, or specific versions."""
+    policy = config.version_policy
+    which = policy.WhichOneof("policy_choice")
+    if which == "all":
+        return list(available)
+    if which == "specific":
+        return [v for v in available if v in set(policy.specific.versions)]
+    n = policy.latest.num_versions if which == "latest" and policy.latest.num_versions else 1
+    return available[-n:]

@@ -1,0 +1,121 @@
+"""classifier.v1.Classifier: a thin adapter between wire messages and the model repository."""
+
+from __future__ import annotations
+
+import asyncio
+
+from ...repository_format import PLATFORM
+from ...wire.classifier.v1 import classifier_pb2 as pb
+from ...wire.classifier.v1 import classifier_pb2_grpc as pb_grpc
+from ..cam import overlay_png
+from ..errors import InvalidInput
+from ..inference import MAX_IMAGES_PER_REQUEST, InferenceRequest, InferenceResult, RawTensor, WireImage
+from ..model import ModelVersion
+from ..preprocess import input_image_uint8
+from ..repository import ModelRepository
+from .status import remaining_time, status_of, status_on_error
+from .streaming import STREAM_WINDOW, answer_in_order
+
+DEFAULT_TOP_K = 5
+
+
+def inference_request(images, cam: bool = False, target_class: int | None = None,
+                      keep_inputs: bool = False) -> InferenceRequest:
+    """The wire images of a Classify or Explain request, as the typed request the batcher queues."""
+    if not images:
+        raise InvalidInput("request holds no images")
+    if len(images) > MAX_IMAGES_PER_REQUEST:
+        raise InvalidInput(f"{len(images)} images in one request; the limit is {MAX_IMAGES_PER_REQUEST}")
+    decoded: list[WireImage] = []
+    for i, img in enumerate(images):
+        kind = img.WhichOneof("content")
+        if kind == "encoded":
+            decoded.append(img.encoded)
+        elif kind == "tensor":
+            t = img.tensor
+            decoded.append(RawTensor(tuple(t.shape), t.dtype, t.data))
+        else:
+            raise InvalidInput(f"image {i} is empty: set `encoded` (PNG/JPEG bytes) or `tensor`")
+    return InferenceRequest(decoded, cam, target_class, keep_inputs)
+
+
+def classify_response(mv: ModelVersion, result: InferenceResult, k: int) -> pb.ClassifyResponse:
+    """Top-k per image from the batch's own ranking (computed once per batch in the worker thread).
+    Messages are added in place: building them apart and passing them in would copy each one."""
+    response = pb.ClassifyResponse(model=mv.name, version=mv.version)
+    add_result, labels = response.results.add, mv.spec.labels
+    for row, scores in zip(result.ranking[:, :k].tolist(), result.ranked_probabilities[:, :k].tolist()):
+        add_prediction = add_result().predictions.add
+        for i, s in zip(row, scores):
+            add_prediction(index=i, label=labels[i], score=s)
+    return response
+
+
+class ClassifierService(pb_grpc.ClassifierServicer):
+    def __init__(self, repository: ModelRepository):
+        self.repo = repository
+
+    async def _classify(self, request: pb.ClassifyRequest, timeout_s: float | None) -> pb.ClassifyResponse:
+        if request.top_k < 0:
+            raise InvalidInput(f"top_k {request.top_k} is negative")
+        inference = inference_request(request.images)
+        mv = self.repo.resolve(request.model, request.version)
+        result = await mv.infer(inference, timeout_s=timeout_s)
+        return classify_response(mv, result, request.top_k or DEFAULT_TOP_K)
+
+    @status_on_error
+    async def Classify(self, request, context):
+        return await self._classify(request, remaining_time(context))
+
+    async def ClassifyStream(self, request_iterator, context):
+        """Requests run concurrently (up to the window) and are answered in arrival order."""
+        classify = lambda m: self._classify(m.request, remaining_time(context))
+        async for msg, outcome in answer_in_order(request_iterator, classify, STREAM_WINDOW):
+            if isinstance(outcome, Exception):
+                code, message = status_of(outcome)
+                yield pb.StreamClassifyResponse(request_id=msg.request_id, error_code=code.value[0], error_message=message)
+            else:
+                yield pb.StreamClassifyResponse(request_id=msg.request_id, response=outcome)
+
+    @status_on_error
+    async def Explain(self, request, context):
+        target = request.target_class if request.HasField("target_class") else None
+        inference = inference_request(request.images, cam=True, target_class=target, keep_inputs=request.overlay)
+        mv = self.repo.resolve(request.model, request.version)
+        result = await mv.infer(inference, timeout_s=remaining_time(context))
+        overlays = await asyncio.to_thread(_overlays, result) if request.overlay else [b""] * len(inference)
+        h, w = result.cams.shape[1:]
+        explanations = []
+        for i, cls in enumerate(result.target_classes.tolist()):
+            explanations.append(pb.Explanation(
+                target=pb.Prediction(index=cls, label=mv.spec.labels[cls], score=float(result.probabilities[i, cls])),
+                heatmap=pb.Tensor(shape=[h, w], dtype="float32", data=result.cams[i].astype("<f4").tobytes()),
+                overlay_png=overlays[i]))
+        return pb.ExplainResponse(model=mv.name, version=mv.version, explanations=explanations)
+
+    async def ListModels(self, request, context):
+        models = []
+        for name in self.repo.model_names():
+            models.append(pb.ModelSummary(name=name, versions=self.repo.ready_versions(name), platform=PLATFORM))
+        return pb.ListModelsResponse(models=models)
+
+    @status_on_error
+    async def GetModel(self, request, context):
+        mv = self.repo.resolve(request.model, request.version)
+        pre = mv.spec.preprocessing
+        metrics = {k: str(v) for k, v in mv.metadata.get("metrics", {}).items() if not isinstance(v, (dict, list))}
+        metrics["onnx_parity_max_abs_diff"] = str(mv.metadata.get("parity_max_abs_diff", ""))
+        return pb.GetModelResponse(
+            name=mv.name, version=mv.version, labels=mv.spec.labels,
+            preprocessing=pb.Preprocessing(channels=pre.channels, height=pre.height, width=pre.width,
+                                           mean=pre.mean, std=pre.std, color_mode=pre.color_mode),
+            versions=[pb.VersionStatus(version=s.version, state=s.state, reason=s.reason)
+                      for s in self.repo.statuses(mv.name)],
+            metrics=metrics, execution_provider=mv.sessions.provider, supports_cam=mv.supports_cam,
+            cam_unsupported_reason=mv.cam_reason, max_batch_size=mv.spec.batching.max_batch_size,
+            architecture=mv.spec.architecture, parameters=int(mv.metadata.get("parameters", 0)))
+
+
+def _overlays(result: InferenceResult) -> list[bytes]:
+    return [overlay_png(input_image_uint8(x), heat) for x, heat in zip(result.inputs, result.cams)]
+

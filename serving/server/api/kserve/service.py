@@ -1,0 +1,214 @@
+"""inference.GRPCInferenceService (KServe v2 + Triton's extensions): a thin adapter between Triton's wire
+messages and the model repository, so tritonclient and KServe tooling work unchanged. Message decoding is
+in `tensors.py`, statistics in `statistics.py`.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+import grpc
+
+from ....repository_format import PLATFORM
+from ....wire.inference import grpc_service_pb2 as pb
+from ....wire.inference import grpc_service_pb2_grpc as pb_grpc
+from ...errors import InvalidInput, ModelNotFound, ModelNotReady
+from ...repository import READY, UNAVAILABLE, ModelRepository
+from ..status import remaining_time, status_of, status_on_error
+from ..streaming import STREAM_WINDOW, answer_in_order
+from .statistics import model_statistics
+from .tensors import CAM, PROBABILITIES, build_response, inference_request, input_shape, int_param, parse_version
+
+SERVICE_NAME = "inference.GRPCInferenceService"
+SERVER_NAME = "cnn-serving"
+EXTENSIONS = ["classification", "model_configuration", "model_repository", "schedule_policy", "statistics",
+              "parameters"]
+
+
+def _server_version() -> str:
+    try:
+        return metadata.version(SERVER_NAME)
+    except metadata.PackageNotFoundError:  # run from a checkout
+        return "0.1.0"
+
+
+def _timeout_s(request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> float | None:
+    """The tighter of the request's `timeout` (microseconds, Triton's meaning) and the gRPC deadline."""
+    limits = [remaining_time(context)]
+    timeout_us = int_param(request.parameters, "timeout")
+    if timeout_us is not None:
+        if timeout_us < 0:
+            raise InvalidInput(f"timeout {timeout_us} us is negative")
+        limits.append(timeout_us / 1e6 if timeout_us else None)
+    limits = [t for t in limits if t is not None]
+    return min(limits) if limits else None
+
+
+_SHARED_MEMORY_HINT = "send tensors in the request itself (raw_input_contents or contents)"
+
+
+async def _unimplemented(context: grpc.aio.ServicerContext, what: str, instead: str) -> None:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} is not supported by this server; {instead}")
+
+
+class KServeService(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, repository: ModelRepository):
+        self.repo = repository
+
+    # -- health ----------------------------------------------------------------------------------------------
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        # Ready when some model serves, or the repository is empty (nothing to wait for). The service is
+        # registered only after the repository has loaded, so a caller never sees "ready" before that.
+        ready = bool(self.repo.all_ready()) or not self.repo.model_names()
+        return pb.ServerReadyResponse(ready=ready)
+
+    @status_on_error
+    async def ModelReady(self, request, context):
+        version = parse_version(request.version)
+        try:
+            self.repo.get(request.name, version)
+        except (ModelNotFound, ModelNotReady):
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    # -- metadata --------------------------------------------------------------------------------------------
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=_server_version(), extensions=EXTENSIONS)
+
+    @status_on_error
+    async def ModelMetadata(self, request, context):
+        mv = self.repo.get(request.name, parse_version(request.version))
+        spec = mv.spec
+        pre = spec.preprocessing
+        outputs = [pb.ModelMetadataResponse.TensorMetadata(name=spec.logits_output, datatype="FP32",
+                                                           shape=[-1, *spec.logits_shape]),
+                   pb.ModelMetadataResponse.TensorMetadata(name=PROBABILITIES, datatype="FP32",
+                                                           shape=[-1, spec.num_classes])]
+        if mv.supports_cam:
+            outputs.append(pb.ModelMetadataResponse.TensorMetadata(name=CAM, datatype="FP32",
+                                                                   shape=[-1, pre.height, pre.width]))
+        return pb.ModelMetadataResponse(
+            name=mv.name, versions=[str(v) for v in self.repo.ready_versions(mv.name)], platform=PLATFORM,
+            inputs=[pb.ModelMetadataResponse.TensorMetadata(name=spec.input_name, datatype="FP32",
+                                                            shape=input_shape(spec))],
+            outputs=outputs)
+
+    @status_on_error
+    async def ModelConfig(self, request, context):
+        mv = self.repo.get(request.name, parse_version(request.version))
+        return pb.ModelConfigResponse(config=mv.spec.config)
+
+    # -- inference -------------------------------------------------------------------------------------------
+    async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        if "sequence_id" in request.parameters:
+            raise InvalidInput("sequence batching is not supported: these models are stateless")
+        mv = self.repo.resolve(request.model_name, parse_version(request.model_version))
+        inference, outputs = inference_request(request, mv)
+        priority = int_param(request.parameters, "priority")
+        # No await between resolving the version and queueing on its batcher, so a hot swap that retires
+        # this version cannot slip in between: the request is queued before the batcher closes and is drained.
+        result = await mv.infer(inference, priority=priority or None, timeout_s=_timeout_s(request, context))
+        return build_response(request, mv, result, outputs)
+
+    @status_on_error
+    async def ModelInfer(self, request, context):
+        return await self._infer(request, context)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Requests run concurrently (up to the window) and are answered in arrival order; a failed request
+        is answered with error_message (its id kept) and the stream goes on."""
+        async for msg, outcome in answer_in_order(request_iterator, lambda m: self._infer(m, context), STREAM_WINDOW):
+            if isinstance(outcome, Exception):
+                code, message = status_of(outcome)
+                yield pb.ModelStreamInferResponse(
+                    error_message=f"[{code}] {message}",
+                    infer_response=pb.ModelInferResponse(model_name=msg.model_name, model_version=msg.model_version,
+                                                         id=msg.id))
+            else:
+                yield pb.ModelStreamInferResponse(infer_response=outcome)
+
+    # -- statistics ------------------------------------------------------------------------------------------
+    @status_on_error
+    async def ModelStatistics(self, request, context):
+        if request.name:
+            version = parse_version(request.version)
+            if version:
+                versions = [self.repo.get(request.name, version)]
+            else:
+                self.repo.get(request.name)  # NOT_FOUND / UNAVAILABLE with the reason
+                versions = [self.repo.get(request.name, v) for v in self.repo.ready_versions(request.name)]
+        else:
+            versions = sorted(self.repo.all_ready(), key=lambda mv: (mv.name, mv.version))
+        return pb.ModelStatisticsResponse(model_stats=[model_statistics(mv) for mv in versions])
+
+    # -- repository ------------------------------------------------------------------------------------------
+    @status_on_error
+    async def RepositoryIndex(self, request, context):
+        models = []
+        names = sorted(set(self.repo.model_names()) | {s.name for s in self.repo.statuses()})
+        for name in names:
+            statuses = self.repo.statuses(name)
+            if not statuses:  # never loaded: a bad config, or not tried yet
+                if not request.ready:
+                    reason = self.repo.model_error(name) or "not loaded"
+                    models.append(pb.RepositoryIndexResponse.ModelIndex(name=name, state=UNAVAILABLE, reason=reason))
+                continue
+            for s in statuses:
+                if request.ready and s.state != READY:
+                    continue
+                models.append(pb.RepositoryIndexResponse.ModelIndex(name=name, version=str(s.version), state=s.state,
+                                                                    reason=s.reason or self.repo.model_error(name)))
+        return pb.RepositoryIndexResponse(models=models)
+
+    @status_on_error
+    async def RepositoryModelLoad(self, request, context):
+        if request.parameters:
+            raise InvalidInput(f"load parameters ({', '.join(sorted(request.parameters))}) are not supported: "
+                               "edit config.pbtxt and the version directories in the repository instead")
+        name = request.model_name
+        if name not in self.repo.model_names():
+            known = ", ".join(self.repo.model_names()) or "none"
+            raise ModelNotFound(f"model {name!r} is not in the repository (models: {known})")
+        await self.repo.load(name)
+        self.repo.get(name)  # fails with the reason when no version could be loaded
+        return pb.RepositoryModelLoadResponse()
+
+    @status_on_error
+    async def RepositoryModelUnload(self, request, context):
+        await self.repo.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    # -- not implemented -------------------------------------------------------------------------------------
+    async def SystemSharedMemoryStatus(self, request, context):
+        await _unimplemented(context, "system shared memory", _SHARED_MEMORY_HINT)
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        await _unimplemented(context, "system shared memory", _SHARED_MEMORY_HINT)
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        await _unimplemented(context, "system shared memory", _SHARED_MEMORY_HINT)
+
+    async def CudaSharedMemoryStatus(self, request, context):
+        await _unimplemented(context, "CUDA shared memory", _SHARED_MEMORY_HINT)
+
+    async def CudaSharedMemoryRegister(self, request, context):
+        await _unimplemented(context, "CUDA shared memory", _SHARED_MEMORY_HINT)
+
+    async def CudaSharedMemoryUnregister(self, request, context):
+        await _unimplemented(context, "CUDA shared memory", _SHARED_MEMORY_HINT)
+
+    async def TraceSetting(self, request, context):
+        await _unimplemented(context, "request tracing",
+                             "timings are in ModelStatistics and in the Prometheus metrics (--metrics-port)")
+
+    async def LogSettings(self, request, context):
+        await _unimplemented(context, "changing log settings", "start the server with --log-level")
+
+
+def register(grpc_server: grpc.aio.Server, repository: ModelRepository) -> KServeService:
+    service = KServeService(repository)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, grpc_server)
+    return service

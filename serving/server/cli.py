@@ -1,0 +1,77 @@
+"""`python -m serving serve`: the server's command line. Its imports are light (argparse), so the command
+is listed by any install; running it needs the `[server]` extra, and says so when it is missing."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+SERVER_EXTRA_HINT = "the server is not installed: pip install 'cnn-serving[server]'"
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-repository", default="", help="repository directory "
+                   "(default: the bundled one, in a checkout)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8001, help="gRPC port (0 = any free port)")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus HTTP port (0 = off)")
+    p.add_argument("--poll-interval", type=float, default=0.0, help="seconds between repository scans "
+                   "that load new versions without restart (0 = off)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--tensorrt", action="store_true", help="try the TensorRT provider first")
+    p.add_argument("--trt-cache-dir", default="", help="TensorRT engine cache directory")
+    p.add_argument("--cuda-graphs", action="store_true", help="CUDA provider: capture one CUDA graph per batch-size "
+                   "bucket (powers of two) and replay it, padding each batch up to its bucket")
+    p.add_argument("--intra-op-threads", type=int, default=0, help="threads per session (0 = cores / instances)")
+    p.add_argument("--ort-spin", action="store_true", help="let idle onnxruntime threads spin-wait")
+    p.add_argument("--max-batch-size", type=int, help="override every model's max_batch_size")
+    p.add_argument("--max-queue-delay-us", type=int, help="override every model's max_queue_delay_microseconds")
+    p.add_argument("--instances", type=int, help="override every model's instance count")
+    p.add_argument("--max-queue-size", type=int, help="override every model's queue bound")
+    p.add_argument("--inline-budget-us", type=int, help="run batches predicted to take less than this on the "
+                   "event loop itself, skipping the thread hop (CPU only; 0 = never; default 1000)")
+    p.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message accepted")
+    p.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                   help="uvloop where installed (auto): about 0.07 ms less CPU per request than asyncio's loop")
+    p.add_argument("--log-level", default="INFO")
+
+
+def _server_options(args: argparse.Namespace):
+    from .app import DEFAULT_REPOSITORY, ServerOptions
+    from .runtime import RuntimeOptions
+    overrides = {k: v for k, v in {"max_batch_size": args.max_batch_size, "max_queue_delay_us": args.max_queue_delay_us,
+                                   "instances": args.instances, "max_queue_size": args.max_queue_size,
+                                   "inline_budget_us": args.inline_budget_us}.items()
+                 if v is not None}
+    return ServerOptions(
+        repository=args.model_repository or str(DEFAULT_REPOSITORY), host=args.host, port=args.port,
+        metrics_port=args.metrics_port,
+        poll_interval_s=args.poll_interval, max_message_bytes=args.max_message_mb * 1024 * 1024,
+        runtime=RuntimeOptions(device=args.device, tensorrt=args.tensorrt, trt_cache_dir=args.trt_cache_dir,
+                               intra_op_threads=args.intra_op_threads, spin_wait=args.ort_spin,
+                               cuda_graphs=args.cuda_graphs),
+        batching_overrides=overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        from .app import event_loop_factory, serve
+    except ImportError as e:  # onnxruntime, Pillow, health or reflection missing: the base install
+        print(f"error: {SERVER_EXTRA_HINT} ({e})", file=sys.stderr)
+        return 2
+    try:
+        with asyncio.Runner(loop_factory=event_loop_factory(args.event_loop)) as runner:
+            runner.run(serve(_server_options(args)))
+    except (OSError, RuntimeError) as e:  # a missing repository, a port in use: say so, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_subcommands(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve a model repository over gRPC (needs the [server] extra)")
+    _serve_args(p)
+    p.set_defaults(func=cmd_serve)

@@ -1,0 +1,45 @@
+"""Every error the server core raises on purpose, in one place.
+
+Each class is one kind of failure with one gRPC status (`api/status.py` holds the mapping, so this module
+imports no gRPC and the batcher can raise its errors too). Anything that is none of these is a bug of the
+server: it becomes `InternalError` at the model boundary (`ModelVersion.infer`), is logged there with its
+traceback, and reaches the caller as INTERNAL with the model and version named and nothing else.
+"""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    """Base of the errors below; the message is written for the caller and says what to fix."""
+
+
+class InvalidInput(ServingError):
+    """Input the client must fix (INVALID_ARGUMENT)."""
+
+
+class ModelNotFound(ServingError):
+    """No such model or version (NOT_FOUND)."""
+
+
+class ModelNotReady(ServingError):
+    """The model exists but has no ready version (UNAVAILABLE)."""
+
+
+class QueueFull(ServingError):
+    """The batcher's queue holds max_queue_size requests already (RESOURCE_EXHAUSTED)."""
+
+
+class DeadlineExceeded(ServingError):
+    """The request's deadline passed before its batch ran (DEADLINE_EXCEEDED)."""
+
+
+class BatcherStopped(ServingError):
+    """The model version is shutting down or being replaced (UNAVAILABLE: retry, another version serves)."""
+
+
+class CamUnavailable(ServingError):
+    """The model has no linear map from feature maps to logits (FAILED_PRECONDITION)."""
+
+
+class InternalError(ServingError):
+    """A failure inside the server, already logged with its traceback (INTERNAL)."""

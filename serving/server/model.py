@@ -1,0 +1,131 @@
+"""One loaded model version: its spec, onnxruntime sessions, batch execution and the batcher in front.
+
+Both APIs (classifier.v1 and KServe v2) submit `InferenceRequest`s to the same batcher through
+`ModelVersion.infer`, which is also the boundary where a failure that is not one of `errors` (a bug) is
+logged with its traceback and turned into `InternalError`, so the caller learns which model failed and
+nothing of the server's insides.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..repository_format import CAM_WEIGHTS_FILE, MODEL_FILE, BatchingOptions, ModelSpec, class_count, read_metadata
+from .batcher import BatchObserver, DynamicBatcher
+from .errors import CamUnavailable, InternalError, InvalidInput, ServingError
+from .execution import BatchExecution
+from .inference import InferenceRequest, InferenceResult
+from .runtime import OrtSessions, RuntimeOptions
+
+log = logging.getLogger("serving.model")
+
+
+@dataclass
+class ModelVersion:
+    spec: ModelSpec
+    version: int
+    sessions: OrtSessions
+    execution: BatchExecution    # what the batcher runs for each batch (usable without a batcher too)
+    batcher: DynamicBatcher
+    metadata: dict = field(default_factory=dict)
+    cam_reason: str = ""  # why the version cannot explain ("" when it can)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def supports_cam(self) -> bool:
+        return not self.cam_reason
+
+    async def infer(self, request: InferenceRequest, priority: int | None = None,
+                    timeout_s: float | None = None) -> InferenceResult:
+        if request.cam and not self.supports_cam:
+            raise CamUnavailable(f"model {self.name} version {self.version} cannot explain: {self.cam_reason}")
+        if request.target_class is not None and not 0 <= request.target_class < self.spec.num_classes:
+            raise InvalidInput(f"target_class {request.target_class} is outside 0..{self.spec.num_classes - 1}")
+        if timeout_s is None and self.spec.batching.default_timeout_us:  # config.pbtxt default_queue_policy
+            timeout_s = self.spec.batching.default_timeout_us / 1e6
+        try:
+            return await self.batcher.submit(request, priority=priority, timeout_s=timeout_s)
+        except ServingError:
+            raise
+        except Exception as e:  # a bug, not the caller's doing: logged whole here, named without internals there
+            log.exception("model %s version %d failed on a request of %d image(s)", self.name, self.version,
+                          len(request))
+            raise InternalError(f"model {self.name} version {self.version} failed on this request; "
+                                "the server log has the details") from e
+
+
+def load_version(spec: ModelSpec, version: int, options: RuntimeOptions | None = None,
+                 observer: BatchObserver | None = None) -> ModelVersion:
+    """Create sessions, read CAM weights and metadata, warm up, and put a batcher (not yet started) in front."""
+    vdir = spec.directory / str(version)
+    outputs = [spec.logits_output] + ([spec.features_output] if spec.features_output else [])
+    b = spec.batching
+    sessions = OrtSessions(vdir / MODEL_FILE, spec.input_name, outputs, b.instances, options)
+    pre = spec.preprocessing
+    _check_shapes(sessions, spec)
+    metadata = read_metadata(vdir)
+    cam_weights, cam_reason = None, metadata.get("cam_unsupported_reason", "")
+    if spec.features_output and (vdir / CAM_WEIGHTS_FILE).exists():
+        cam_weights = np.load(vdir / CAM_WEIGHTS_FILE).astype(np.float32)
+        cam_reason = ""
+    elif not cam_reason:
+        cam_reason = "the repository has no CAM weights for this version"
+    sessions.warm_up((pre.channels, pre.height, pre.width), b.max_batch_size)
+    execution = BatchExecution(spec, sessions, cam_weights)
+    batcher = DynamicBatcher(
+        execution.execute, max_batch_size=b.max_batch_size, max_queue_delay_s=b.max_queue_delay_us / 1e6,
+        preferred_batch_sizes=b.preferred_batch_sizes, max_queue_size=b.max_queue_size,
+        priority_levels=b.priority_levels, default_priority=b.default_priority, instances=b.instances,
+        combine=b.combine_requests, merge=InferenceResult.concat, observer=observer,
+        inline_max_units=_inline_units(sessions, (pre.channels, pre.height, pre.width), b),
+        name=f"{spec.name}:{version}")
+    return ModelVersion(spec, version, sessions, execution, batcher, metadata, cam_reason)
+
+
+def _inline_units(sessions: OrtSessions, shape: tuple[int, ...], b: BatchingOptions) -> int:
+    """How many images fit in the inline budget: a lone caller's batches that small run on the event loop,
+    skipping the hop to a worker thread and back (which costs more than a tiny model's whole run). One
+    instance only: several instances need the worker threads to overlap."""
+    if b.inline_budget_us <= 0 or b.instances > 1 or sessions.provider != "CPUExecutionProvider":
+        return 0
+    x = np.zeros((b.max_batch_size, *shape), np.float32)
+
+    def timed(n: int, repeats: int) -> float:  # the median: one slow run must not decide
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            sessions.run(x[:n], [sessions.output_names[0]])
+            times.append(time.perf_counter() - started)
+        return float(np.median(times))
+
+    budget = b.inline_budget_us / 1e6
+    if timed(1, 1) > 10 * budget or timed(1, 7) > budget:  # most models stop here
+        return 0
+    per_image = max(timed(b.max_batch_size, 3) / b.max_batch_size, 1e-9)
+    return int(min(b.max_batch_size, max(1, budget / per_image)))
+
+
+def _check_shapes(sessions: OrtSessions, spec: ModelSpec) -> None:
+    """Refuse a model file whose graph disagrees with its config (a wrong file in a version directory)."""
+    session = sessions.sessions[0]
+    inputs = {i.name: i for i in session.get_inputs()}
+    if spec.input_name not in inputs:
+        raise ValueError(f"model has no input {spec.input_name!r} (it has {', '.join(inputs)})")
+    shape = inputs[spec.input_name].shape
+    want = [spec.preprocessing.channels, spec.preprocessing.height, spec.preprocessing.width]
+    if len(shape) != 4 or [d if isinstance(d, int) else None for d in shape[1:]] != want:
+        raise ValueError(f"model input shape {shape} does not match the config's [-1, {want}]")
+    outputs = {o.name: o for o in session.get_outputs()}
+    for name in [spec.logits_output] + ([spec.features_output] if spec.features_output else []):
+        if name not in outputs:
+            raise ValueError(f"model has no output {name!r} (it has {', '.join(outputs)})")
+    logits = outputs[spec.logits_output].shape[-1]
+    if isinstance(logits, int) and class_count(logits) != spec.num_classes:
+        raise ValueError(f"model gives {logits} logits but labels.txt lists {spec.num_classes} classes")

@@ -1,0 +1,212 @@
+"""The model repository: discover models, load versions by policy, route requests, reload without restart.
+
+A new version is loaded and warmed up before it takes traffic; versions leaving the policy are taken out
+of routing first and then drained (their queued and running requests finish) before their sessions are
+released. A version that fails to load is recorded with its reason and the versions already serving stay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..repository_format import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    BatchingOptions,
+    ConfigError,
+    ModelSpec,
+    list_versions,
+    load_spec,
+    select_versions,
+)
+from .errors import InvalidInput, ModelNotFound, ModelNotReady
+from .model import ModelVersion, load_version
+from .runtime import RuntimeOptions
+
+log = logging.getLogger("serving.repository")
+
+READY, LOADING, UNAVAILABLE, UNLOADING = "READY", "LOADING", "UNAVAILABLE", "UNLOADING"
+
+
+@dataclass
+class VersionStatus:
+    name: str
+    version: int
+    state: str
+    reason: str = ""
+    stamp: float = 0.0  # model file mtime when last tried, so a failed file is retried only once changed
+
+
+class ModelRepository:
+    def __init__(self, root: str | os.PathLike, runtime_options: RuntimeOptions | None = None,
+                 batching_defaults: BatchingOptions | None = None, batching_overrides: dict | None = None,
+                 observer_factory=None):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"model repository {self.root} is not a directory")
+        self.runtime_options = runtime_options or RuntimeOptions()
+        self.batching_defaults = batching_defaults or BatchingOptions()
+        self.batching_overrides = batching_overrides or {}
+        self._observer_factory = observer_factory  # (model, version) -> batch observer, for metrics
+        self._ready: dict[str, dict[int, ModelVersion]] = {}
+        self._status: dict[tuple[str, int], VersionStatus] = {}
+        self._model_errors: dict[str, str] = {}
+        self._unloaded_by_request: set[str] = set()
+        self._lock = asyncio.Lock()
+        self._poller: asyncio.Task | None = None
+
+    # -- queries ---------------------------------------------------------------------------------------
+    def model_names(self) -> list[str]:
+        """Every model directory in the repository, loaded or not."""
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and (p / CONFIG_FILE).exists())
+
+    def ready_versions(self, name: str) -> list[int]:
+        return sorted(self._ready.get(name, {}), reverse=True)
+
+    def get(self, name: str, version: int = 0) -> ModelVersion:
+        """The version to serve: the given one, or the newest ready one when version is 0."""
+        versions = self._ready.get(name)
+        if not versions:
+            if name not in self.model_names():
+                known = ", ".join(self.model_names()) or "none"
+                raise ModelNotFound(f"model {name!r} is not in the repository (models: {known})")
+            reason = self._model_errors.get(name) or "; ".join(
+                f"version {s.version}: {s.state} {s.reason}".strip() for s in self.statuses(name)) or "not loaded"
+            raise ModelNotReady(f"model {name!r} has no ready version ({reason})")
+        if version:
+            if version not in versions:
+                raise ModelNotFound(f"model {name!r} has no ready version {version} "
+                                    f"(ready: {', '.join(map(str, sorted(versions)))})")
+            return versions[version]
+        return versions[max(versions)]
+
+    def resolve(self, name: str, version: int) -> ModelVersion:
+        """A request's model: the named one (or the only one when none is named) at the version asked
+        (0: the newest ready)."""
+        if not name:
+            names = self.model_names()
+            if len(names) != 1:
+                raise InvalidInput(f"request names no model; choose one of: {', '.join(names)}")
+            name = names[0]
+        if version < 0:
+            raise InvalidInput(f"version {version} is negative; use 0 for the latest")
+        return self.get(name, version)
+
+    def all_ready(self) -> list[ModelVersion]:
+        return [mv for versions in self._ready.values() for mv in versions.values()]
+
+    def statuses(self, name: str | None = None) -> list[VersionStatus]:
+        return sorted((s for s in self._status.values() if name is None or s.name == name),
+                      key=lambda s: (s.name, s.version))
+
+    def model_error(self, name: str) -> str:
+        return self._model_errors.get(name, "")
+
+    # -- loading ---------------------------------------------------------------------------------------
+    async def load_all(self) -> None:
+        for name in self.model_names():
+            await self.load(name)
+
+    async def load(self, name: str) -> None:
+        """(Re)load a model: bring its ready versions in line with its version policy."""
+        async with self._lock:
+            self._unloaded_by_request.discard(name)
+            await self._sync_model(name, force=True)
+
+    async def unload(self, name: str) -> None:
+        async with self._lock:
+            if name not in self._ready and name not in self.model_names():
+                raise ModelNotFound(f"model {name!r} is not in the repository")
+            self._unloaded_by_request.add(name)
+            for version in list(self._ready.get(name, {})):
+                await self._retire(name, version, "unloaded by request")
+            self._ready.pop(name, None)
+
+    async def _sync_model(self, name: str, force: bool = False) -> None:
+        model_dir = self.root / name
+        try:
+            spec = load_spec(model_dir, self.batching_defaults, self.batching_overrides)
+            wanted = select_versions(spec.config, list_versions(model_dir))
+            self._model_errors.pop(name, None)
+        except (ConfigError, OSError, ValueError) as e:
+            self._model_errors[name] = str(e)
+            if force:
+                log.error("model %s: %s", name, e)
+            return
+        current = self._ready.setdefault(name, {})
+        for version in wanted:
+            if version in current:
+                continue
+            status = self._status.get((name, version))
+            stamp = (model_dir / str(version) / MODEL_FILE).stat().st_mtime
+            if status and status.state == UNAVAILABLE and status.stamp == stamp and not force:
+                continue  # failed before and unchanged since
+            await self._load_version(spec, version, stamp)
+        ready_wanted = [v for v in wanted if v in current]
+        for version in list(current):
+            # A version leaves only once something newer serves, so a broken new file never empties a model.
+            if version not in wanted and ready_wanted:
+                await self._retire(name, version, "not in the version policy any more")
+
+    async def _load_version(self, spec: ModelSpec, version: int, stamp: float) -> None:
+        key = (spec.name, version)
+        self._status[key] = VersionStatus(spec.name, version, LOADING, stamp=stamp)
+        observer = self._observer_factory(spec.name, version) if self._observer_factory else None
+        try:
+            mv = await asyncio.to_thread(load_version, spec, version, self.runtime_options, observer)
+            await mv.batcher.start()
+        except Exception as e:  # noqa: BLE001 - any failure leaves the serving versions untouched
+            reason = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+            self._status[key] = VersionStatus(spec.name, version, UNAVAILABLE, reason, stamp)
+            log.error("model %s version %d failed to load: %s", spec.name, version, reason)
+            return
+        self._ready.setdefault(spec.name, {})[version] = mv
+        self._status[key] = VersionStatus(spec.name, version, READY, stamp=stamp)
+        log.info("model %s version %d ready on %s", spec.name, version, mv.sessions.provider)
+
+    async def _retire(self, name: str, version: int, reason: str) -> None:
+        mv = self._ready.get(name, {}).pop(version, None)
+        if mv is None:
+            return
+        self._status[(name, version)] = VersionStatus(name, version, UNLOADING, reason)
+        await mv.batcher.stop(drain=True)
+        mv.sessions.sessions.clear()
+        del mv
+        gc.collect()
+        self._status[(name, version)] = VersionStatus(name, version, UNAVAILABLE, reason)
+        log.info("model %s version %d unloaded (%s)", name, version, reason)
+
+    # -- polling ---------------------------------------------------------------------------------------
+    async def poll_once(self) -> None:
+        async with self._lock:
+            present = set(self.model_names())
+            for name in sorted(present - self._unloaded_by_request):
+                await self._sync_model(name)
+            for name in list(self._ready):
+                if name not in present:
+                    for version in list(self._ready[name]):
+                        await self._retire(name, version, "removed from the repository")
+                    self._ready.pop(name, None)
+
+    def start_polling(self, interval_s: float) -> None:
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval_s)
+                try:
+                    await self.poll_once()
+                except Exception:  # noqa: BLE001 - keep polling whatever one scan met
+                    log.exception("repository poll failed")
+
+        self._poller = asyncio.create_task(loop(), name="repository-poll")
+
+    async def close(self) -> None:
+        if self._poller:
+            self._poller.cancel()
+        for name in list(self._ready):
+            for version in list(self._ready[name]):
+                await self._retire(name, version, "server shutting down")
