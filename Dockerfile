@@ -1,10 +1,10 @@
-# The serving image: onnxruntime, grpcio, numpy and Pillow only (no torch, no onnx).
+# The serving image: the package's [server] extra (onnxruntime, grpcio, numpy, Pillow); no torch, no onnx,
+# and no training code.
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY serving ./serving
-COPY training ./training
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir ".[server]"
 COPY model_repository ./model_repository
 EXPOSE 8001 9090
 # Health: the standard grpc.health.v1 service on the gRPC port.

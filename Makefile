@@ -13,17 +13,17 @@ REPO ?= model_repository
 $(VENV)/.serving: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e ".[server]"
 	touch $@
 
 $(VENV)/.full: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_INDEX) -e ".[train,dev]"
+	$(PY) -m pip install -q $(TORCH_INDEX) -e ".[dev]"
 	touch $(VENV)/.serving $@
 
-setup-serving: $(VENV)/.serving   ## serving only: onnxruntime, grpcio, numpy, Pillow (no torch)
-setup: $(VENV)/.full              ## everything: training, tests, lint
+setup-serving: $(VENV)/.serving   ## the server and the client (no torch): what `make demo` needs
+setup: $(VENV)/.full              ## everything: server, training, reports, tests, lint
 
 demo: setup-serving               ## serve the bundled model, classify and explain sample images, stop
 	@bash scripts/demo.sh $(PY) $(PORT)
@@ -31,14 +31,16 @@ demo: setup-serving               ## serve the bundled model, classify and expla
 serve: setup-serving              ## serve the bundled repository in the foreground
 	$(PY) -m serving serve --model-repository $(REPO) --port $(PORT)
 
-test: setup                       ## lint, then the whole test suite
+test: setup                       ## lint, import contracts, then the whole test suite
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
-lint: setup
+lint: setup                       ## ruff and the import contracts (.importlinter)
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
-proto: setup                      ## regenerate serving/_proto from proto/
+proto: setup                      ## regenerate serving/wire from proto/
 	$(PY) proto/generate.py
 
 train-default: setup              ## reproduce the bundled model (about 30 minutes on 2 CPU cores)
