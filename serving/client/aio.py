@@ -10,19 +10,8 @@ import grpc
 
 from ..wire.classifier.v1 import classifier_pb2 as pb
 from ..wire.classifier.v1 import classifier_pb2_grpc as pb_grpc
-from .messages import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    Explanation,
-    ImageLike,
-    ModelInfo,
-    Prediction,
-    channel_options,
-    explain_request,
-    explanations,
-    model_info,
-    predictions,
-    to_wire_image,
-)
+from . import messages
+from .messages import DEFAULT_MAX_MESSAGE_BYTES, Explanation, ImageLike, ModelInfo, Prediction
 from .sync import RETRYABLE
 
 
@@ -33,7 +22,7 @@ class AsyncClassifierClient:
                  backoff_s: float = 0.1, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         self.targets = [targets] if isinstance(targets, str) else list(targets)
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
-        self._channels = [grpc.aio.insecure_channel(t, options=channel_options(max_message_bytes))
+        self._channels = [grpc.aio.insecure_channel(t, options=messages.channel_options(max_message_bytes))
                           for t in self.targets]
         self._stubs = [pb_grpc.ClassifierStub(c) for c in self._channels]
         self._next = itertools.cycle(range(len(self._stubs)))
@@ -52,20 +41,20 @@ class AsyncClassifierClient:
 
     async def classify(self, images: Iterable[ImageLike], model: str = "", top_k: int = 5,
                        version: int = 0) -> list[list[Prediction]]:
-        req = pb.ClassifyRequest(model=model, version=version, top_k=top_k, images=[to_wire_image(i) for i in images])
-        return [predictions(c) for c in (await self._call("Classify", req)).results]
+        req = messages.classify_request(images, model, version, top_k)
+        return [messages.predictions(c) for c in (await self._call("Classify", req)).results]
 
     async def explain(self, images: Iterable[ImageLike], model: str = "", target_class: int | None = None,
                       overlay: bool = False, version: int = 0) -> list[Explanation]:
-        req = explain_request(images, model, version, target_class, overlay)
-        return explanations(await self._call("Explain", req))
+        req = messages.explain_request(images, model, version, target_class, overlay)
+        return messages.explanations(await self._call("Explain", req))
 
     async def list_models(self) -> dict[str, list[int]]:
         resp = await self._call("ListModels", pb.ListModelsRequest())
         return {m.name: list(m.versions) for m in resp.models}
 
     async def get_model(self, model: str = "", version: int = 0) -> ModelInfo:
-        return model_info(await self._call("GetModel", pb.GetModelRequest(model=model, version=version)))
+        return messages.model_info(await self._call("GetModel", pb.GetModelRequest(model=model, version=version)))
 
     async def classify_stream(self, batches: AsyncIterator[tuple[str, Sequence[ImageLike]]] | Iterable,
                               model: str = "", top_k: int = 5, window: int = 16,
@@ -77,9 +66,7 @@ class AsyncClassifierClient:
         async def requests():
             async for request_id, images in _aiter(batches):
                 await slots.acquire()
-                yield pb.StreamClassifyRequest(
-                    request_id=request_id,
-                    request=pb.ClassifyRequest(model=model, top_k=top_k, images=[to_wire_image(i) for i in images]))
+                yield messages.stream_request(request_id, images, model, top_k)
 
         call = self._stubs[next(self._next) if target_index is None else target_index].ClassifyStream(requests())
         try:

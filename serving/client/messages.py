@@ -89,6 +89,14 @@ def model_info(r: pb.GetModelResponse) -> ModelInfo:
                      r.architecture, r.parameters, dict(r.metrics), [(v.version, v.state, v.reason) for v in r.versions])
 
 
+def classify_request(images, model: str, version: int, top_k: int) -> pb.ClassifyRequest:
+    return pb.ClassifyRequest(model=model, version=version, top_k=top_k, images=[to_wire_image(i) for i in images])
+
+
+def stream_request(request_id: str, images, model: str, top_k: int) -> pb.StreamClassifyRequest:
+    return pb.StreamClassifyRequest(request_id=request_id, request=classify_request(images, model, 0, top_k))
+
+
 def explain_request(images, model, version, target_class, overlay) -> pb.ExplainRequest:
     req = pb.ExplainRequest(model=model, version=version, images=[to_wire_image(i) for i in images], overlay=overlay)
     if target_class is not None:

@@ -11,19 +11,8 @@ import grpc
 
 from ..wire.classifier.v1 import classifier_pb2 as pb
 from ..wire.classifier.v1 import classifier_pb2_grpc as pb_grpc
-from .messages import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    Explanation,
-    ImageLike,
-    ModelInfo,
-    Prediction,
-    channel_options,
-    explain_request,
-    explanations,
-    model_info,
-    predictions,
-    to_wire_image,
-)
+from . import messages
+from .messages import DEFAULT_MAX_MESSAGE_BYTES, Explanation, ImageLike, ModelInfo, Prediction
 
 # Calls worth repeating on another try: the server is restarting or not ready yet, not the request being bad.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
@@ -36,7 +25,7 @@ class ClassifierClient:
                  backoff_s: float = 0.1, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         self.targets = [targets] if isinstance(targets, str) else list(targets)
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
-        self._channels = [grpc.insecure_channel(t, options=channel_options(max_message_bytes)) for t in self.targets]
+        self._channels = [grpc.insecure_channel(t, options=messages.channel_options(max_message_bytes)) for t in self.targets]
         self._stubs = [pb_grpc.ClassifierStub(c) for c in self._channels]
         self._next = itertools.cycle(range(len(self._stubs)))
 
@@ -54,18 +43,19 @@ class ClassifierClient:
 
     def classify(self, images: Iterable[ImageLike], model: str = "", top_k: int = 5,
                  version: int = 0) -> list[list[Prediction]]:
-        req = pb.ClassifyRequest(model=model, version=version, top_k=top_k, images=[to_wire_image(i) for i in images])
-        return [predictions(c) for c in self._call("Classify", req).results]
+        req = messages.classify_request(images, model, version, top_k)
+        return [messages.predictions(c) for c in self._call("Classify", req).results]
 
     def explain(self, images: Iterable[ImageLike], model: str = "", target_class: int | None = None,
                 overlay: bool = False, version: int = 0) -> list[Explanation]:
-        return explanations(self._call("Explain", explain_request(images, model, version, target_class, overlay)))
+        req = messages.explain_request(images, model, version, target_class, overlay)
+        return messages.explanations(self._call("Explain", req))
 
     def list_models(self) -> dict[str, list[int]]:
         return {m.name: list(m.versions) for m in self._call("ListModels", pb.ListModelsRequest()).models}
 
     def get_model(self, model: str = "", version: int = 0) -> ModelInfo:
-        return model_info(self._call("GetModel", pb.GetModelRequest(model=model, version=version)))
+        return messages.model_info(self._call("GetModel", pb.GetModelRequest(model=model, version=version)))
 
     def classify_stream(self, batches: Iterable[tuple[str, Sequence[ImageLike]]], model: str = "", top_k: int = 5,
                         window: int = 16, target_index: int | None = None) -> Iterator[pb.StreamClassifyResponse]:
@@ -81,9 +71,7 @@ class ClassifierClient:
                         return
                 if stop.is_set():
                     return
-                yield pb.StreamClassifyRequest(
-                    request_id=request_id,
-                    request=pb.ClassifyRequest(model=model, top_k=top_k, images=[to_wire_image(i) for i in images]))
+                yield messages.stream_request(request_id, images, model, top_k)
 
         stub = self._stubs[next(self._next) if target_index is None else target_index]
         call = stub.ClassifyStream(requests())
