@@ -24,7 +24,7 @@ prepare() {
               --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
   python3 -m pip download -q --no-deps "${plat[@]}" -d .whl onnxruntime-gpu==1.31.1
   python3 -m pip download -q --no-deps "${plat[@]}" -d .whl/small grpcio-health-checking==1.80.0 \
-    grpcio-reflection==1.80.0 'protobuf==6.33.6' 'grpcio==1.85.3' prometheus-client
+    grpcio-reflection==1.80.0 'protobuf==6.33.6' 'grpcio==1.85.3' prometheus-client pillow
   (cd .whl && sha256sum onnxruntime_gpu-*.whl > parts/SHA256 && split -b 60m -d onnxruntime_gpu-*.whl \
     "parts/$(ls onnxruntime_gpu-*.whl).part-" && rm onnxruntime_gpu-*.whl)
   ls -la .whl/parts .whl/small

@@ -21,8 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.client import to_wire_image
-from serving.wire.classifier.v1 import classifier_pb2 as pb
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # a checkout that is not installed (the lent GPU machine) runs it too
+
+from serving.client import to_wire_image  # noqa: E402
+from serving.wire.classifier.v1 import classifier_pb2 as pb  # noqa: E402
 
 MODELS = {  # name -> (architecture, channels, size, classes)
     "small": ("small_fmnist", 1, 28, 10),
@@ -107,7 +110,8 @@ def bench_in_process(path: Path, shape: tuple[int, ...], batches: list[int], sec
 
 def start_process(args: list[str], timeout_s: float = 180, python: str = sys.executable,
                   env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([python, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    proc = subprocess.Popen([python, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                            cwd=ROOT)
     end = time.time() + timeout_s
     while time.time() < end:
         line = proc.stdout.readline()

@@ -80,6 +80,10 @@ def test_base_install_classifies_and_explains_against_a_real_server(client_pytho
     assert explain.returncode == 0, explain.stderr
     assert (tmp_path / "cams" / "shoe_cam.png").read_bytes().startswith(b"\x89PNG")
 
+    index = _run(client_python, "-m", "serving", "repository", "index", "--server", server.address, "--json")
+    assert index.returncode == 0, index.stderr
+    assert {"name": "fmnist", "version": "1", "state": "READY", "reason": ""} in map(json.loads, index.stdout.splitlines())
+
     api = _run(client_python, "-c", textwrap.dedent(f"""
         import numpy as np
         from serving.client import AsyncClassifierClient, ClassifierClient

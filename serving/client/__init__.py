@@ -14,8 +14,8 @@ that fail with UNAVAILABLE are retried with exponential backoff; every call has 
 """
 
 from .aio import AsyncClassifierClient
-from .messages import Explanation, ImageLike, ModelInfo, Prediction, to_wire_image
-from .sync import RETRYABLE, ClassifierClient
+from .messages import RETRYABLE, Explanation, ImageLike, ModelInfo, Prediction, to_wire_image
+from .sync import ClassifierClient
 
 __all__ = ["AsyncClassifierClient", "ClassifierClient", "Explanation", "ImageLike", "ModelInfo", "Prediction",
            "RETRYABLE", "to_wire_image"]

@@ -11,8 +11,7 @@ import grpc
 from ..wire.classifier.v1 import classifier_pb2 as pb
 from ..wire.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from . import messages
-from .messages import DEFAULT_MAX_MESSAGE_BYTES, Explanation, ImageLike, ModelInfo, Prediction
-from .sync import RETRYABLE
+from .messages import DEFAULT_MAX_MESSAGE_BYTES, RETRYABLE, Explanation, ImageLike, ModelInfo, Prediction
 
 
 class AsyncClassifierClient:

@@ -7,12 +7,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from ..wire.classifier.v1 import classifier_pb2 as pb
 
 ImageLike = bytes | str | os.PathLike | np.ndarray
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Calls a client repeats by itself: the server is restarting or has no ready version yet, not the request
+# being bad. (Batch jobs also resend when a replica is busy: `jobs.grpc_engine` extends this set.)
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 
 
 @dataclass(frozen=True)

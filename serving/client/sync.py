@@ -12,10 +12,7 @@ import grpc
 from ..wire.classifier.v1 import classifier_pb2 as pb
 from ..wire.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from . import messages
-from .messages import DEFAULT_MAX_MESSAGE_BYTES, Explanation, ImageLike, ModelInfo, Prediction
-
-# Calls worth repeating on another try: the server is restarting or not ready yet, not the request being bad.
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+from .messages import DEFAULT_MAX_MESSAGE_BYTES, RETRYABLE, Explanation, ImageLike, ModelInfo, Prediction
 
 
 class ClassifierClient:

@@ -20,16 +20,17 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from ..client import AsyncClassifierClient, ModelInfo
+from ..client import RETRYABLE, AsyncClassifierClient, ModelInfo
 from .errors import BatchError
 from .output import Output, cam_file_name
 from .report import mistakes_sheet, plot_confusion_matrix, summarize, worst_mistakes, write_summary
 from .sources import Source, open_source, resolve_labels
 
-# Per-request errors worth sending again: the replica is busy or restarting, not the input being bad.
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}
+# Per-request errors worth sending again: the client's retryable ones, and a replica that is busy (a full
+# queue, an aborted call), which a job waits out where an interactive caller would rather hear of it.
+REQUEST_RETRYABLE = RETRYABLE | {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}
 # A whole stream that breaks (or goes silent past the deadline) is reopened on the same address.
-STREAM_RETRYABLE = RETRYABLE | {grpc.StatusCode.DEADLINE_EXCEEDED}
+STREAM_RETRYABLE = REQUEST_RETRYABLE | {grpc.StatusCode.DEADLINE_EXCEEDED}
 _STATUS_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
 
 
@@ -156,7 +157,7 @@ class StreamJob:
         queue = self.queues[i]
         if response.error_code:
             code = _STATUS_BY_VALUE.get(response.error_code, grpc.StatusCode.UNKNOWN)
-            if code in RETRYABLE:
+            if code in REQUEST_RETRYABLE:
                 request.attempts += 1
                 if request.attempts > self.o.retries:
                     raise BatchError(f"request {request.request_id}: {code.name} after {self.o.retries} retries: "

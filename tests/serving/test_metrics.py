@@ -2,6 +2,7 @@
 
 import re
 import socket
+import time
 import urllib.request
 
 import grpc
@@ -33,7 +34,14 @@ def test_metrics_count_requests_batches_and_failures(small_repo):
         client.classify([np.zeros((28, 28), np.uint8)])
         with pytest.raises(grpc.RpcError):
             client.classify([b"junk"])
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        # The caller hears the status before the server's handler has finished counting it: wait for it.
+        failed_call = 'grpc_requests_total{code="INVALID_ARGUMENT",method="Classify"}'
+        deadline = time.monotonic() + 5
+        while True:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            if failed_call in text or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
     assert value(text, "inference_requests_total", model="fmnist", version="1") == 3
     assert value(text, "inference_failures_total", model="fmnist", version="1") == 1
     assert value(text, "inference_batch_size_sum", model="fmnist", version="1") == 5

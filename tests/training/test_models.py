@@ -153,6 +153,18 @@ def test_nonlinear_heads_refuse_cam(kwargs):
         model.cam_weights()
 
 
+def test_an_int_input_size_means_a_square_input():
+    """torchvision and timm users pass one int; it means the same as the pair."""
+    square = create_model("resnet18", input_size=64, num_classes=10)
+    assert square.input_size == (64, 64)
+    assert square(torch.zeros(2, 3, 64, 64)).shape == (2, 10)
+    torch.manual_seed(0)
+    a = create_model("small_fmnist", input_size=28)
+    torch.manual_seed(0)
+    b = create_model("small_fmnist", input_size=(28, 28))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
 def test_binary_needs_two_classes():
     with pytest.raises(ValueError):
         create_model("linear", in_channels=1, num_classes=10, input_size=(28, 28), binary=True)
