@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import textwrap
 import venv
@@ -29,8 +30,15 @@ def client_python(tmp_path_factory) -> Path:
     env_dir = tmp_path_factory.mktemp("client") / "venv"
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
-    # A wheel built from the checkout and installed without extras, as `pip install cnn-serving` would.
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(ROOT)],
+    # A wheel built from a copy of the sources (the build writes beside them) and installed without
+    # extras, as `pip install cnn-serving` would.
+    source = env_dir.parent / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for package in ("serving", "training"):
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(source)],
                    check=True, timeout=600, cwd=env_dir.parent)
     return python
 
