@@ -25,20 +25,48 @@ from typing import Any
 from .errors import BatcherStopped, DeadlineExceeded, InvalidInput, QueueFull
 
 
+class PhasedResults(list):
+    """What `execute` may return instead of a plain list: the results, and how long the batch spent in each
+    phase (seconds: preparing inputs, running the model, producing outputs). Without it the whole
+    execution counts as the middle phase."""
+
+    def __init__(self, results, phases: tuple[float, float, float]):
+        super().__init__(results)
+        self.phases = phases
+
+
+@dataclass
+class PhaseTotals:
+    """Summed durations of the three compute phases, in ns (Triton's compute_input/infer/output)."""
+    count: int = 0
+    input_ns: int = 0
+    infer_ns: int = 0
+    output_ns: int = 0
+
+    def add(self, phases: tuple[float, float, float], scale: float = 1.0) -> None:
+        self.count += 1
+        self.input_ns += int(phases[0] * scale * 1e9)
+        self.infer_ns += int(phases[1] * scale * 1e9)
+        self.output_ns += int(phases[2] * scale * 1e9)
+
+
 @dataclass
 class BatchStats:
-    """Counters a batcher keeps; read by metrics and ModelStatistics."""
+    """Counters a batcher keeps; read by metrics and ModelStatistics. Per successful request (Triton's
+    inference_stats): its time from submit to answer, its time queued, and the compute phases of the
+    batch(es) it ran in, so that for every request queue + phases <= success. Per execution (Triton's
+    batch_stats): the phases of each batch, by its size in units."""
     requests: int = 0
     succeeded: int = 0
     success_ns: int = 0     # submit to answer, summed over the requests that succeeded
+    queue_ns: int = 0       # summed over the requests that succeeded
+    compute: PhaseTotals = field(default_factory=PhaseTotals)  # per successful request
     executions: int = 0
     units: int = 0
     failures: int = 0
     rejected: int = 0
     expired: int = 0
-    queue_ns: int = 0
-    compute_ns: int = 0
-    batch_sizes: collections.Counter = field(default_factory=collections.Counter)
+    batches: dict[int, PhaseTotals] = field(default_factory=dict)  # batch size -> its executions
     last_inference_ms: int = 0
 
 
@@ -51,6 +79,8 @@ class _Pending:
     deadline: float | None
     priority: int
     taken: bool = False   # handed to a worker (no longer in a queue)
+    queued_s: float = 0.0                                 # set when its batch starts
+    phases: tuple[float, float, float] = (0.0, 0.0, 0.0)  # set when its batch has run
 
 
 def _concat_lists(parts: list) -> Any:
@@ -185,9 +215,21 @@ class DynamicBatcher:
         finally:
             self._waiting -= 1
             self._forget(pending)
-        self.stats.succeeded += 1
-        self.stats.success_ns += int((time.monotonic() - now) * 1e9)
+        self._count_success(pending, time.monotonic() - now)
         return result
+
+    def _count_success(self, pending: list[_Pending], total_s: float) -> None:
+        """One successful request's share of the statistics. A request split into chunks waited until its
+        first chunk started; its compute is that of all its chunks, scaled down where chunks ran side by
+        side on several instances, so that queue + compute never exceeds the request's own time."""
+        queued = min(p.queued_s for p in pending)
+        phases = tuple(sum(p.phases[i] for p in pending) for i in range(3))
+        compute = sum(phases)
+        scale = min(1.0, max(0.0, total_s - queued) / compute) if compute > 0 else 1.0
+        self.stats.succeeded += 1
+        self.stats.success_ns += int(total_s * 1e9)
+        self.stats.queue_ns += int(queued * 1e9)
+        self.stats.compute.add(phases, scale)
 
     def _arm_sweep(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
         """One timer per batcher, at the earliest deadline in the queue: callers usually share a timeout,
@@ -320,17 +362,17 @@ class DynamicBatcher:
             finally:
                 self.in_flight -= len(batch)
             compute = time.monotonic() - started
+            phases = getattr(results, "phases", None) or (0.0, compute, 0.0)
             failed = sum(isinstance(r, BaseException) for r in results)
             self.stats.failures += failed
             self.stats.executions += 1
             self.stats.units += units
-            self.stats.batch_sizes[units] += 1
-            self.stats.queue_ns += int(sum(queue_times) * 1e9)
-            self.stats.compute_ns += int(compute * 1e9)
+            self.stats.batches.setdefault(units, PhaseTotals()).add(phases)
             self.stats.last_inference_ms = int(time.time() * 1000)
             if self._observer:
                 self._observer(units, queue_times, compute, failed)
-            for p, r in zip(batch, results):
+            for p, queued, r in zip(batch, queue_times, results):
+                p.queued_s, p.phases = queued, phases
                 if p.future.done():
                     continue
                 if isinstance(r, BaseException):

@@ -9,10 +9,13 @@ nothing for the CAM capability.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from ..repository_format import ModelSpec, Preprocessing, class_count
 from . import cam as cam_ops
+from .batcher import PhasedResults
 from .errors import InvalidInput
 from .inference import InferenceRequest, InferenceResult
 from .preprocess import to_model_input
@@ -20,13 +23,15 @@ from .runtime import OrtSessions
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
-    """Softmax over classes; a binary model's one logit gives sigmoid scores for [negative, positive]."""
-    if class_count(logits.shape[1]) != logits.shape[1]:
-        p = 1 / (1 + np.exp(-logits[:, 0]))
-        return np.stack([1 - p, p], axis=1).astype(np.float32)
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    """Softmax over classes; a binary model's one logit gives sigmoid scores for [negative, positive].
+    Non-finite logits (KServe passes any float input through, as Triton does) give NaN, not a warning."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        if class_count(logits.shape[1]) != logits.shape[1]:
+            p = 1 / (1 + np.exp(-logits[:, 0]))
+            return np.stack([1 - p, p], axis=1).astype(np.float32)
+        z = logits - logits.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 class BatchExecution:
@@ -35,7 +40,10 @@ class BatchExecution:
     def __init__(self, spec: ModelSpec, sessions: OrtSessions, cam_weights: np.ndarray | None):
         self.spec, self.sessions, self.cam_weights = spec, sessions, cam_weights
 
-    def execute(self, batch: list[InferenceRequest], instance: int = 0) -> list[InferenceResult | Exception]:
+    def execute(self, batch: list[InferenceRequest], instance: int = 0) -> PhasedResults:
+        """One result or error per request, with the time spent preparing inputs, running the model and
+        producing outputs (Triton's compute_input, compute_infer and compute_output)."""
+        started = time.perf_counter()
         pre = self.spec.preprocessing
         rows, start = [], 0
         for req in batch:
@@ -44,12 +52,14 @@ class BatchExecution:
         x = np.empty((start, pre.channels, pre.height, pre.width), np.float32)
         results: list[InferenceResult | Exception | None] = list(_decode_batch(batch, rows, x, pre))
         ok = [i for i, r in enumerate(results) if r is None]
+        decoded = time.perf_counter()
         if not ok:
-            return results  # type: ignore[return-value]
-        want_cam = any(batch[i].cam for i in ok)
-        names = [self.spec.logits_output] + ([self.spec.features_output] if want_cam else [])
+            return PhasedResults(results, (decoded - started, 0.0, 0.0))
+        want_features = any(batch[i].cam or batch[i].features for i in ok)
+        names = [self.spec.logits_output] + ([self.spec.features_output] if want_features else [])
         outs = self.sessions.run(x, names, instance=instance)
-        logits, features = outs[0], (outs[1] if want_cam else None)
+        ran = time.perf_counter()
+        logits, features = outs[0], (outs[1] if want_features else None)
         # Softmax and ranking once per batch, in the worker, so answering costs a slice per request.
         probs = probabilities(logits)
         ranking = np.argsort(-probs, axis=1, kind="stable")
@@ -57,7 +67,8 @@ class BatchExecution:
         for i in ok:
             req, sl = batch[i], rows[i]
             result = InferenceResult(logits[sl], probs[sl], ranking[sl], ranked[sl],
-                                     inputs=x[sl] if req.keep_inputs else None)
+                                     inputs=x[sl] if req.keep_inputs else None,
+                                     features=features[sl] if req.features else None)
             if req.cam:
                 # The predicted class is the ranking's first, so Explain explains what Classify answers.
                 classes = (np.full(sl.stop - sl.start, req.target_class, np.int64) if req.target_class is not None
@@ -65,7 +76,7 @@ class BatchExecution:
                 result.cams = self._cams(features[sl], classes)
                 result.target_classes = classes
             results[i] = result
-        return results  # type: ignore[return-value]
+        return PhasedResults(results, (decoded - started, ran - decoded, time.perf_counter() - ran))
 
     def _cams(self, features: np.ndarray, classes: np.ndarray) -> np.ndarray:
         # A binary model has one weight row (its one logit) for both classes.

@@ -32,12 +32,13 @@ class InferenceRequest:
     cam: bool = False
     target_class: int | None = None   # the class a CAM explains; None: each image's predicted class
     keep_inputs: bool = False         # return the model inputs too (for overlays)
+    features: bool = False            # return the feature maps (the model's `features` output)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, s: slice) -> InferenceRequest:
-        return InferenceRequest(self.images[s], self.cam, self.target_class, self.keep_inputs)
+        return InferenceRequest(self.images[s], self.cam, self.target_class, self.keep_inputs, self.features)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class InferenceResult:
     cams: np.ndarray | None = None                  # [n, H, W] in [0, 1]
     target_classes: np.ndarray | None = None        # [n] the class each CAM explains
     inputs: np.ndarray | None = None                # [n, C, H, W]
+    features: np.ndarray | None = None              # [n, C', h, w]
 
     @staticmethod
     def concat(parts: list[InferenceResult]) -> InferenceResult:

@@ -90,12 +90,18 @@ def test_health_and_metadata(client: tg.InferenceServerClient, small_repo: Path)
     assert model.name == MODEL and list(model.versions) == ["1"] and model.platform == "onnxruntime_onnx"
     assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == [("input", "FP32", [-1, 1, 28, 28])]
     assert {t.name: list(t.shape) for t in model.outputs} == {
-        "logits": [-1, 10], "probabilities": [-1, 10], "cam": [-1, 28, 28]}
+        "logits": [-1, 10], "features": [-1, 64, 7, 7], "probabilities": [-1, 10], "cam": [-1, 28, 28]}
     config = client.get_model_config(MODEL).config  # decoded by Triton's own ModelConfig schema
     assert config.name == MODEL and config.platform == "onnxruntime_onnx"
     assert config.max_batch_size == read_config(small_repo / MODEL).max_batch_size > 0
     assert list(config.input[0].dims) == [1, 28, 28] and config.output[0].label_filename == "labels.txt"
     assert config.parameters["architecture"].string_value == "small_fmnist"
+    assert config.parameters["accepted_input_datatypes"].string_value == "FP32,FP16,UINT8,BYTES"
+    # One set of tensors in both answers (perf_analyzer requires it); the file on disk keeps the model's own.
+    served = {(o.name, tuple(o.dims)) for o in config.output}
+    assert served == {(t.name, tuple(t.shape[1:])) for t in model.outputs}
+    assert {(i.name, tuple(i.dims)) for i in config.input} == {(t.name, tuple(t.shape[1:])) for t in model.inputs}
+    assert [o.name for o in read_config(small_repo / MODEL).output] == ["logits", "features"]
     with pytest.raises(InferenceServerException) as e:
         client.get_model_metadata("no_such_model")
     assert status(e) == "StatusCode.NOT_FOUND" and "no_such_model" in e.value.message()
@@ -289,6 +295,56 @@ def test_asyncio_client_and_stream(server: RunningServer) -> None:
             assert ids == ["a-0", "a-1", "a-2"]  # answered in arrival order
 
     asyncio.run(run())
+
+
+def test_features_output_matches_onnxruntime(client: tg.InferenceServerClient, reference: ort.InferenceSession) -> None:
+    x = pixels(3).astype(np.float32) / 255
+    result = client.infer(MODEL, [infer_input("input", x, "FP32")],
+                          outputs=[tg.InferRequestedOutput("features"), tg.InferRequestedOutput("logits")])
+    logits, features = reference.run(["logits", "features"], {"input": x})
+    np.testing.assert_allclose(result.as_numpy("features"), features, atol=1e-5)
+    np.testing.assert_allclose(result.as_numpy("logits"), logits, atol=1e-5)
+
+
+def test_non_finite_float_inputs_reach_the_model_as_in_triton(client: tg.InferenceServerClient,
+                                                              reference: ort.InferenceSession) -> None:
+    """perf_analyzer's random FP32 bytes hold NaN and infinities: they are served, and answer NaN for the
+    images that hold them, while the other images of the request are answered as alone."""
+    x = pixels(3).astype(np.float32) / 255
+    x[0, 0, 0, 0], x[1, 0, 5, 5] = np.nan, np.inf
+    for datatype in ("FP32", "FP16"):
+        result = client.infer(MODEL, [infer_input("input", x.astype(datatype.lower().replace("fp", "float")),
+                                                  datatype)],
+                              outputs=[tg.InferRequestedOutput("probabilities"),
+                                       tg.InferRequestedOutput("logits", class_count=2)])
+        probabilities = result.as_numpy("probabilities")
+        assert np.isnan(probabilities[:2]).all(1).all()
+        np.testing.assert_allclose(probabilities[2], softmax(reference.run(["logits"], {"input": x[2:]})[0])[0],
+                                   atol=1e-3 if datatype == "FP16" else 1e-5)
+        assert result.as_numpy("logits")[0][0].decode().startswith("nan:")
+
+
+def test_statistics_follow_tritons_semantics(server: RunningServer) -> None:
+    """The invariants perf_analyzer checks: per-request counts equal across success, queue and the three
+    compute phases; batch_stats counts add up to execution_count; the phases fit in the success time."""
+    async def load() -> None:
+        async with tg_aio.InferenceServerClient(server.address) as aio_client:
+            requests = [aio_client.infer(MODEL, [infer_input("input", pixels(n, seed=n).astype(np.float32) / 255,
+                                                             "FP32")]) for n in [1] * 24 + [2, 5, 9]]
+            await asyncio.gather(*requests)
+
+    asyncio.run(load())
+    with tg.InferenceServerClient(server.address) as sync_client:
+        (model,) = sync_client.get_inference_statistics(MODEL).model_stats
+    s = model.inference_stats
+    counts = {name: getattr(s, name).count for name in ("success", "queue", "compute_input", "compute_infer",
+                                                         "compute_output")}
+    assert len(set(counts.values())) == 1 and counts["success"] >= 27, counts
+    assert s.queue.ns + s.compute_input.ns + s.compute_infer.ns + s.compute_output.ns <= s.success.ns
+    assert s.compute_input.ns > 0 and s.compute_infer.ns > 0 and s.compute_output.ns > 0
+    for phase in ("compute_input", "compute_infer", "compute_output"):
+        assert sum(getattr(b, phase).count for b in model.batch_stats) == model.execution_count
+    assert sum(b.batch_size * b.compute_infer.count for b in model.batch_stats) == model.inference_count
 
 
 # -- statistics and repository control ---------------------------------------------------------------------------

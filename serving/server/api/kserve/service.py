@@ -5,19 +5,19 @@ in `tensors.py`, statistics in `statistics.py`.
 
 from __future__ import annotations
 
-from importlib import metadata
+from importlib import metadata as package_metadata
 
 import grpc
 
-from ....repository_format import PLATFORM
 from ....wire.inference import grpc_service_pb2 as pb
 from ....wire.inference import grpc_service_pb2_grpc as pb_grpc
 from ...errors import InvalidInput, ModelNotFound, ModelNotReady
 from ...repository import READY, UNAVAILABLE, ModelRepository
 from ..status import remaining_time, status_of, status_on_error
 from ..streaming import STREAM_WINDOW, answer_in_order
+from .metadata import model_metadata, served_config
 from .statistics import model_statistics
-from .tensors import CAM, PROBABILITIES, build_response, inference_request, input_shape, int_param, parse_version
+from .tensors import build_response, inference_request, int_param, parse_version
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 SERVER_NAME = "cnn-serving"
@@ -27,8 +27,8 @@ EXTENSIONS = ["classification", "model_configuration", "model_repository", "sche
 
 def _server_version() -> str:
     try:
-        return metadata.version(SERVER_NAME)
-    except metadata.PackageNotFoundError:  # run from a checkout
+        return package_metadata.version(SERVER_NAME)
+    except package_metadata.PackageNotFoundError:  # run from a checkout
         return "0.1.0"
 
 
@@ -81,25 +81,12 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
     @status_on_error
     async def ModelMetadata(self, request, context):
         mv = self.repo.get(request.name, parse_version(request.version))
-        spec = mv.spec
-        pre = spec.preprocessing
-        outputs = [pb.ModelMetadataResponse.TensorMetadata(name=spec.logits_output, datatype="FP32",
-                                                           shape=[-1, *spec.logits_shape]),
-                   pb.ModelMetadataResponse.TensorMetadata(name=PROBABILITIES, datatype="FP32",
-                                                           shape=[-1, spec.num_classes])]
-        if mv.supports_cam:
-            outputs.append(pb.ModelMetadataResponse.TensorMetadata(name=CAM, datatype="FP32",
-                                                                   shape=[-1, pre.height, pre.width]))
-        return pb.ModelMetadataResponse(
-            name=mv.name, versions=[str(v) for v in self.repo.ready_versions(mv.name)], platform=PLATFORM,
-            inputs=[pb.ModelMetadataResponse.TensorMetadata(name=spec.input_name, datatype="FP32",
-                                                            shape=input_shape(spec))],
-            outputs=outputs)
+        return model_metadata(mv, self.repo.ready_versions(mv.name))
 
     @status_on_error
     async def ModelConfig(self, request, context):
         mv = self.repo.get(request.name, parse_version(request.version))
-        return pb.ModelConfigResponse(config=mv.spec.config)
+        return pb.ModelConfigResponse(config=served_config(mv))
 
     # -- inference -------------------------------------------------------------------------------------------
     async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:

@@ -3,8 +3,10 @@ request parameters, Triton's BYTES layout and classification strings.
 
 Inputs: one tensor named like the model input, FP32 / FP16 / UINT8 [N, C, H, W] (UINT8 pixels are scaled
 by 1/255) or BYTES [N] holding encoded PNG/JPEG images (decoded and resized like classifier.v1), given in
-`raw_input_contents` or in typed `contents`. Outputs: `logits`, `probabilities` and `cam` ([N, H, W]),
-always in `raw_output_contents`, which is where Triton's clients read numeric data. The `classification`
+`raw_input_contents` or in typed `contents`. Float inputs go to the model as sent, NaN and infinities
+included, as Triton does (the model's answer is then NaN, never a guess). Outputs: `logits`, `features`,
+`probabilities` and `cam` ([N, H, W]), always in `raw_output_contents`, which is where Triton's clients
+read numeric data. The `classification`
 parameter of a requested output turns it into BYTES top-k strings "score:index:label", as Triton does.
 """
 
@@ -16,17 +18,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ....repository_format import ModelSpec
 from ....wire.inference import grpc_service_pb2 as pb
 from ...errors import InvalidInput
 from ...inference import MAX_IMAGES_PER_REQUEST, InferenceRequest, InferenceResult
 from ...model import ModelVersion
-
-PROBABILITIES, CAM = "probabilities", "cam"
+from .metadata import CAM, PROBABILITIES, input_shape, output_specs
 
 # Little-endian numpy types of the accepted numeric input datatypes; FP16 has no typed contents field.
 _NUMERIC = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "UINT8": np.dtype("u1")}
 _TYPED_FIELD = {"FP32": "fp32_contents", "UINT8": "uint_contents", "BYTES": "bytes_contents"}
+
 
 def parse_version(version: str) -> int:
     """Triton versions are strings; empty means the one the version policy serves (the newest ready)."""
@@ -70,24 +71,21 @@ def serialize_bytes(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(x)) + x for x in items)
 
 
-def input_shape(spec: ModelSpec) -> list[int]:
-    pre = spec.preprocessing
-    return [-1, pre.channels, pre.height, pre.width]
-
-
 def inference_request(request: pb.ModelInferRequest, mv: ModelVersion) -> tuple[InferenceRequest, list[Output]]:
     """A ModelInfer request as the typed request the batcher queues, and the outputs to answer with."""
-    images = input_images(request, mv.spec)
-    outputs = requested_outputs(request, mv.spec, mv.supports_cam)
+    images = input_images(request, mv)
+    outputs = requested_outputs(request, mv)
     cam = next((o for o in outputs if o.name == CAM), None)
     target_class = None
     if cam is not None:
         target_class = cam.target_class if cam.target_class is not None else int_param(request.parameters, "cam_class")
-    return InferenceRequest(images, cam=cam is not None, target_class=target_class), outputs
+    features = any(o.name == mv.spec.features_output for o in outputs)
+    return InferenceRequest(images, cam=cam is not None, target_class=target_class, features=features), outputs
 
 
-def input_images(request: pb.ModelInferRequest, spec: ModelSpec) -> np.ndarray | list[bytes]:
+def input_images(request: pb.ModelInferRequest, mv: ModelVersion) -> np.ndarray | list[bytes]:
     """The request's one input as a float32 [N, C, H, W] array, or as encoded images for preprocessing."""
+    spec = mv.spec
     if len(request.inputs) != 1:
         raise InvalidInput(f"model {spec.name} takes exactly one input ({spec.input_name!r}), "
                            f"the request has {len(request.inputs)}")
@@ -117,7 +115,7 @@ def input_images(request: pb.ModelInferRequest, spec: ModelSpec) -> np.ndarray |
     if dtype not in _NUMERIC:
         raise InvalidInput(f"input {tensor.name!r} datatype {dtype or '(empty)'} is not supported; "
                            "use FP32, FP16, UINT8 ([N, C, H, W]) or BYTES (encoded images)")
-    expected = input_shape(spec)
+    expected = input_shape(mv)
     if len(shape) != 4 or shape[1:] != expected[1:] or shape[0] < 1:
         raise InvalidInput(f"input {tensor.name!r} has shape {shape}, but model {spec.name} expects {expected} "
                            f"(N, C, H, W) for {dtype}")
@@ -142,10 +140,7 @@ def input_images(request: pb.ModelInferRequest, spec: ModelSpec) -> np.ndarray |
     arr = values.reshape(shape)
     if dtype == "UINT8":
         return arr.astype(np.float32) * np.float32(1 / 255)
-    arr = arr.astype(np.float32)  # FP16 -> FP32, and native byte order for onnxruntime
-    if not np.isfinite(arr).all():
-        raise InvalidInput(f"input {tensor.name!r} holds NaN or infinite values")
-    return arr
+    return arr.astype(np.float32)  # FP16 -> FP32, and native byte order for onnxruntime
 
 
 @dataclass
@@ -156,8 +151,9 @@ class Output:
     target_class: int | None = None
 
 
-def requested_outputs(request: pb.ModelInferRequest, spec: ModelSpec, supports_cam: bool) -> list[Output]:
-    names = [spec.logits_output, PROBABILITIES] + ([CAM] if supports_cam else [])
+def requested_outputs(request: pb.ModelInferRequest, mv: ModelVersion) -> list[Output]:
+    spec = mv.spec
+    names = [o.name for o in output_specs(mv)]
     if not request.outputs:
         return [Output(spec.logits_output)]  # KServe: no outputs asked for means every output; ours is logits
     outputs, seen = [], set()
@@ -170,8 +166,8 @@ def requested_outputs(request: pb.ModelInferRequest, spec: ModelSpec, supports_c
         k = int_param(o.parameters, "classification") or 0
         if k < 0:
             raise InvalidInput(f"classification count {k} for output {o.name!r} is negative")
-        if k and o.name == CAM:
-            raise InvalidInput("classification applies to logits or probabilities, not to the cam output")
+        if k and o.name not in (spec.logits_output, PROBABILITIES):
+            raise InvalidInput(f"classification applies to logits or probabilities, not to the {o.name} output")
         outputs.append(Output(o.name, k, int_param(o.parameters, "cam_class")))
     return outputs
 
@@ -196,6 +192,8 @@ def build_response(request: pb.ModelInferRequest, mv: ModelVersion, result: Infe
             values = result.cams
         elif o.name == PROBABILITIES:
             values = result.probabilities  # computed once per batch in the worker thread
+        elif o.name == mv.spec.features_output:
+            values = result.features
         else:
             values = result.logits
         tensor = response.outputs.add(name=o.name)
