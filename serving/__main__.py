@@ -12,6 +12,7 @@ import sys
 import grpc
 
 from .client import cli as client_cli
+from .client.connection import SetupError
 from .jobs import cli as jobs_cli
 from .server import cli as server_cli
 
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as e:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
+    except SetupError as e:  # a TLS or token file that cannot be read
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

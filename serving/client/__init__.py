@@ -10,12 +10,15 @@ training, which an import contract (`.importlinter`) checks.
         cams = client.explain(["shoe.png"], model="fashion_mnist", overlay=True)
 
 Channels are reused across calls; several targets are used round robin (one job, many replicas); calls
-that fail with UNAVAILABLE are retried with exponential backoff; every call has a deadline.
+that fail with UNAVAILABLE are retried with exponential backoff; every call has a deadline. `tls=Tls(...)`
+connects with TLS (mutual TLS with a client certificate); `token=` (or $CNN_SERVING_TOKEN) is sent as
+`authorization: Bearer <token>` on every call.
 """
 
 from .aio import AsyncClassifierClient
+from .connection import Tls
 from .messages import RETRYABLE, Explanation, ImageLike, ModelInfo, Prediction, to_wire_image
 from .sync import ClassifierClient
 
 __all__ = ["AsyncClassifierClient", "ClassifierClient", "Explanation", "ImageLike", "ModelInfo", "Prediction",
-           "RETRYABLE", "to_wire_image"]
+           "RETRYABLE", "Tls", "to_wire_image"]

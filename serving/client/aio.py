@@ -11,18 +11,20 @@ import grpc
 from ..wire.classifier.v1 import classifier_pb2 as pb
 from ..wire.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from . import messages
+from .connection import Tls, aio_channel, call_metadata
 from .messages import DEFAULT_MAX_MESSAGE_BYTES, RETRYABLE, Explanation, ImageLike, ModelInfo, Prediction
 
 
 class AsyncClassifierClient:
-    """asyncio client with the same calls as ClassifierClient (awaitable)."""
+    """asyncio client with the same calls as ClassifierClient (awaitable), and the same `tls` and `token`."""
 
     def __init__(self, targets: str | Sequence[str], timeout_s: float = 30.0, retries: int = 3,
-                 backoff_s: float = 0.1, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 backoff_s: float = 0.1, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 tls: Tls | None = None, token: str | None = None):
         self.targets = [targets] if isinstance(targets, str) else list(targets)
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
-        self._channels = [grpc.aio.insecure_channel(t, options=messages.channel_options(max_message_bytes))
-                          for t in self.targets]
+        self._channels = [aio_channel(t, messages.channel_options(max_message_bytes), tls) for t in self.targets]
+        self._metadata = call_metadata(token)
         self._stubs = [pb_grpc.ClassifierStub(c) for c in self._channels]
         self._next = itertools.cycle(range(len(self._stubs)))
 
@@ -31,7 +33,7 @@ class AsyncClassifierClient:
         for attempt in range(self.retries + 1):
             stub = self._stubs[next(self._next)]
             try:
-                return await getattr(stub, method)(request, timeout=timeout_s or self.timeout_s)
+                return await getattr(stub, method)(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
             except grpc.aio.AioRpcError as e:
                 if e.code() not in RETRYABLE or attempt == self.retries:
                     raise
@@ -67,7 +69,8 @@ class AsyncClassifierClient:
                 await slots.acquire()
                 yield messages.stream_request(request_id, images, model, top_k)
 
-        call = self._stubs[next(self._next) if target_index is None else target_index].ClassifyStream(requests())
+        stub = self._stubs[next(self._next) if target_index is None else target_index]
+        call = stub.ClassifyStream(requests(), metadata=self._metadata)
         try:
             async for response in call:
                 slots.release()

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from . import control
+from . import connection, control
 from .sync import ClassifierClient
 
 
@@ -14,10 +14,12 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default="127.0.0.1:8001", help="host:port (comma-separated for several)")
     p.add_argument("--model", default="", help="model name (default: the only one served)")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds")
+    connection.add_arguments(p)
 
 
 def _client(args: argparse.Namespace) -> ClassifierClient:
-    return ClassifierClient(args.server.split(","), timeout_s=args.timeout)
+    tls, token = connection.from_arguments(args)
+    return ClassifierClient(args.server.split(","), timeout_s=args.timeout, tls=tls, token=token)
 
 
 def cmd_classify(args) -> int:

@@ -9,21 +9,31 @@ from __future__ import annotations
 import argparse
 import json
 
-import grpc
-
 from ..wire.inference import grpc_service_pb2 as pb
 from ..wire.inference import grpc_service_pb2_grpc as pb_grpc
+from . import connection
 
 
-def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, pb_grpc.GRPCInferenceServiceStub]:
-    channel = grpc.insecure_channel(args.server)
-    return channel, pb_grpc.GRPCInferenceServiceStub(channel)
+class _Repository:
+    """The KServe repository RPCs over one channel, with the command's TLS and token (load and unload need an
+    admin token on a server that has tokens)."""
+
+    def __init__(self, args: argparse.Namespace):
+        tls, token = connection.from_arguments(args)
+        self.channel = connection.channel(args.server, [], tls)
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self.call = dict(timeout=args.timeout, metadata=connection.call_metadata(token))
+
+    def __enter__(self) -> _Repository:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.channel.close()
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    channel, stub = _stub(args)
-    with channel:
-        response = stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=args.ready), timeout=args.timeout)
+    with _Repository(args) as repo:
+        response = repo.stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=args.ready), **repo.call)
     rows = [(m.name, m.version or "-", m.state or "-", m.reason) for m in response.models]
     if args.json:
         for name, version, state, reason in rows:
@@ -39,18 +49,16 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    channel, stub = _stub(args)
-    with channel:
+    with _Repository(args) as repo:
         # Loading warms the model up, which can take longer than a query: the deadline is the caller's.
-        stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=args.model), timeout=args.timeout)
+        repo.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=args.model), **repo.call)
     print(f"{args.model}: loaded")
     return 0
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
-    channel, stub = _stub(args)
-    with channel:
-        stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=args.model), timeout=args.timeout)
+    with _Repository(args) as repo:
+        repo.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=args.model), **repo.call)
     print(f"{args.model}: unloaded")
     return 0
 
@@ -62,6 +70,7 @@ def add_subcommand(subparsers) -> None:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--server", default="127.0.0.1:8001", help="host:port of the gRPC server")
         p.add_argument("--timeout", type=float, default=60.0, help="deadline, seconds")
+        connection.add_arguments(p)
 
     p = actions.add_parser("index", help="every model directory and version with its state and reason")
     common(p)

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import sys
 
+from ..client import connection
 from . import grpc_engine
 from .errors import BatchError
 
@@ -40,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-after", type=int, help="classify at most this many images now, then stop (resumable)")
     p.add_argument("--retries", type=int, default=3, help="retries of a request or stream on UNAVAILABLE/busy")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    connection.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:

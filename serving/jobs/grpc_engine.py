@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from ..client import RETRYABLE, AsyncClassifierClient, ModelInfo
+from ..client import RETRYABLE, AsyncClassifierClient, ModelInfo, connection
 from .errors import BatchError
 from .output import Output, cam_file_name
 from .report import mistakes_sheet, plot_confusion_matrix, summarize, worst_mistakes, write_summary
@@ -236,7 +236,8 @@ class StreamJob:
 async def run_job(args: argparse.Namespace) -> int:
     source = open_source(args)
     targets = [t.strip() for t in args.server.split(",") if t.strip()]
-    async with AsyncClassifierClient(targets, timeout_s=args.timeout) as client:
+    tls, token = connection.from_arguments(args)
+    async with AsyncClassifierClient(targets, timeout_s=args.timeout, tls=tls, token=token) as client:
         info = await client.get_model(args.model)
         top_k = max(1, min(args.top_k, len(info.labels)))
         output = Output(args.output, top_k)

@@ -14,7 +14,8 @@ SERVER_EXTRA_HINT = "the server is not installed: pip install 'cnn-serving[serve
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-repository", default="", help="repository directory "
                    "(default: the bundled one, in a checkout)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all: needs tokens, "
+                   "client certificates or --allow-unauthenticated)")
     p.add_argument("--port", type=int, default=8001, help="gRPC port (0 = any free port)")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus HTTP port (0 = off)")
     p.add_argument("--poll-interval", type=float, default=0.0, help="seconds between repository scans "
@@ -36,9 +37,30 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                    help="uvloop where installed (auto): about 0.07 ms less CPU per request than asyncio's loop")
     p.add_argument("--log-level", default="INFO")
+    access = p.add_argument_group("access (see README, Security)")
+    access.add_argument("--tls-cert", default="", help="server certificate chain (PEM): turns on TLS")
+    access.add_argument("--tls-key", default="", help="the certificate's private key (PEM)")
+    access.add_argument("--tls-client-ca", default="", help="CA (PEM) that must have signed every client's "
+                        "certificate: turns on mutual TLS")
+    access.add_argument("--auth-token-file", default="", help="tokens (one per line) of which a call must carry "
+                        "one as `authorization: Bearer <token>`; also read from $CNN_SERVING_AUTH_TOKENS")
+    access.add_argument("--admin-token-file", default="", help="tokens that alone may load and unload models "
+                        "(and may call everything else); also read from $CNN_SERVING_ADMIN_TOKENS")
+    access.add_argument("--allow-unauthenticated", action="store_true", help="listen on a non-loopback --host "
+                        "with neither tokens nor client certificates")
+    life = p.add_argument_group("shutdown and connections (see README, Reliability)")
+    life.add_argument("--drain-delay", type=float, default=0.0, help="seconds after SIGTERM during which health "
+                      "says NOT_SERVING but calls are still accepted (endpoint propagation)")
+    life.add_argument("--exit-timeout", type=float, default=30.0, help="then the longest wait, in seconds, for "
+                      "accepted calls to be answered before the models are unloaded")
+    life.add_argument("--grpc-max-connection-age", type=float, default=0.0, help="seconds after which a client "
+                      "connection is asked to reconnect, so clients spread over new replicas (0 = never)")
+    life.add_argument("--grpc-max-connection-age-grace", type=float, default=0.0, help="seconds an aged "
+                      "connection's calls may still take before it is closed (0 = no limit)")
 
 
 def _server_options(args: argparse.Namespace):
+    from .access import ADMIN_TOKENS_ENV, INFERENCE_TOKENS_ENV, TlsFiles, read_tokens
     from .app import DEFAULT_REPOSITORY, ServerOptions
     from .runtime import RuntimeOptions
     overrides = {k: v for k, v in {"max_batch_size": args.max_batch_size, "max_queue_delay_us": args.max_queue_delay_us,
@@ -52,7 +74,14 @@ def _server_options(args: argparse.Namespace):
         runtime=RuntimeOptions(device=args.device, tensorrt=args.tensorrt, trt_cache_dir=args.trt_cache_dir,
                                intra_op_threads=args.intra_op_threads, spin_wait=args.ort_spin,
                                cuda_graphs=args.cuda_graphs),
-        batching_overrides=overrides)
+        batching_overrides=overrides,
+        tls=TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca),
+        inference_tokens=read_tokens(args.auth_token_file, INFERENCE_TOKENS_ENV),
+        admin_tokens=read_tokens(args.admin_token_file, ADMIN_TOKENS_ENV),
+        allow_unauthenticated=args.allow_unauthenticated,
+        drain_delay_s=args.drain_delay, exit_timeout_s=args.exit_timeout,
+        max_connection_age_s=args.grpc_max_connection_age,
+        max_connection_age_grace_s=args.grpc_max_connection_age_grace)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -64,11 +93,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         with asyncio.Runner(loop_factory=event_loop_factory(args.event_loop)) as runner:
-            runner.run(serve(_server_options(args)))
-    except (OSError, RuntimeError) as e:  # a missing repository, a port in use: say so, no traceback
+            return runner.run(serve(_server_options(args)))
+    except (OSError, RuntimeError) as e:  # a missing repository, a port in use, an unprotected start: no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 def add_subcommands(subparsers) -> None:

@@ -41,5 +41,17 @@ class CamUnavailable(ServingError):
     """The model has no linear map from feature maps to logits (FAILED_PRECONDITION)."""
 
 
+class Unauthenticated(ServingError):
+    """The call carries no token, or one the server does not know (UNAUTHENTICATED)."""
+
+
+class PermissionDenied(ServingError):
+    """A valid token that does not allow this call: an inference token on a management RPC (PERMISSION_DENIED)."""
+
+
+class ShuttingDown(ServingError):
+    """The server is draining before it exits and takes no new calls (UNAVAILABLE: retry on another replica)."""
+
+
 class InternalError(ServingError):
     """A failure inside the server, already logged with its traceback (INTERNAL)."""

@@ -3,6 +3,8 @@
 A new version is loaded and warmed up before it takes traffic; versions leaving the policy are taken out
 of routing first and then drained (their queued and running requests finish) before their sessions are
 released. A version that fails to load is recorded with its reason and the versions already serving stay.
+A serving version whose file is deleted or rewritten on disk keeps serving the copy in memory; the poll
+logs it and shows it as the version's reason in RepositoryIndex and GetModel.
 """
 
 from __future__ import annotations
@@ -39,7 +41,12 @@ class VersionStatus:
     version: int
     state: str
     reason: str = ""
-    stamp: float = 0.0  # model file mtime when last tried, so a failed file is retried only once changed
+    stamp: tuple = ()  # the model file's (mtime, size) when last tried: a failed file is retried once changed
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size
 
 
 class ModelRepository:
@@ -143,7 +150,10 @@ class ModelRepository:
             if version in current:
                 continue
             status = self._status.get((name, version))
-            stamp = (model_dir / str(version) / MODEL_FILE).stat().st_mtime
+            try:
+                stamp = _stamp(model_dir / str(version) / MODEL_FILE)
+            except FileNotFoundError:
+                continue  # removed since it was listed: the next poll sees the directory as it is then
             if status and status.state == UNAVAILABLE and status.stamp == stamp and not force:
                 continue  # failed before and unchanged since
             await self._load_version(spec, version, stamp)
@@ -152,8 +162,30 @@ class ModelRepository:
             # A version leaves only once something newer serves, so a broken new file never empties a model.
             if version not in wanted and ready_wanted:
                 await self._retire(name, version, "not in the version policy any more")
+        self._note_disk_changes(name, model_dir)
 
-    async def _load_version(self, spec: ModelSpec, version: int, stamp: float) -> None:
+    def _note_disk_changes(self, name: str, model_dir: Path) -> None:
+        """A serving version's file deleted or rewritten on disk: the loaded copy keeps serving (its sessions
+        hold the model in memory), and the change is logged once and shown as the version's reason."""
+        for version in self._ready.get(name, {}):
+            status = self._status.get((name, version))
+            if status is None or status.state != READY:
+                continue
+            try:
+                changed = _stamp(model_dir / str(version) / MODEL_FILE) != status.stamp
+                note = ("model file changed on disk after loading; the loaded copy keeps serving (write new weights "
+                        "as a new version directory)") if changed else ""
+            except OSError:
+                note = ("model file is gone from disk; the loaded copy keeps serving until a newer version is "
+                        "ready (or until a restart)")
+            if note != status.reason:
+                if note:
+                    log.warning("model %s version %d: %s", name, version, note)
+                else:
+                    log.info("model %s version %d: model file back as loaded", name, version)
+                status.reason = note
+
+    async def _load_version(self, spec: ModelSpec, version: int, stamp: tuple) -> None:
         key = (spec.name, version)
         self._status[key] = VersionStatus(spec.name, version, LOADING, stamp=stamp)
         observer = self._observer_factory(spec.name, version) if self._observer_factory else None
@@ -169,12 +201,12 @@ class ModelRepository:
         self._status[key] = VersionStatus(spec.name, version, READY, stamp=stamp)
         log.info("model %s version %d ready on %s", spec.name, version, mv.sessions.provider)
 
-    async def _retire(self, name: str, version: int, reason: str) -> None:
+    async def _retire(self, name: str, version: int, reason: str, drain: bool = True) -> None:
         mv = self._ready.get(name, {}).pop(version, None)
         if mv is None:
             return
         self._status[(name, version)] = VersionStatus(name, version, UNLOADING, reason)
-        await mv.batcher.stop(drain=True)
+        await mv.batcher.stop(drain=drain)
         mv.sessions.sessions.clear()
         del mv
         gc.collect()
@@ -204,9 +236,14 @@ class ModelRepository:
 
         self._poller = asyncio.create_task(loop(), name="repository-poll")
 
-    async def close(self) -> None:
+    def stop_polling(self) -> None:
         if self._poller:
             self._poller.cancel()
+            self._poller = None
+
+    async def close(self, drain: bool = True) -> None:
+        """Unload every version; with drain, what their batchers hold is answered first."""
+        self.stop_polling()
         for name in list(self._ready):
             for version in list(self._ready[name]):
-                await self._retire(name, version, "server shutting down")
+                await self._retire(name, version, "server shutting down", drain=drain)

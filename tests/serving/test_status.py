@@ -17,7 +17,10 @@ from serving.server.errors import (
     InvalidInput,
     ModelNotFound,
     ModelNotReady,
+    PermissionDenied,
     QueueFull,
+    ShuttingDown,
+    Unauthenticated,
 )
 from tests.conftest import running_server
 
@@ -30,6 +33,9 @@ from tests.conftest import running_server
     (DeadlineExceeded("x"), grpc.StatusCode.DEADLINE_EXCEEDED),
     (BatcherStopped("x"), grpc.StatusCode.UNAVAILABLE),
     (CamUnavailable("x"), grpc.StatusCode.FAILED_PRECONDITION),
+    (Unauthenticated("x"), grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied("x"), grpc.StatusCode.PERMISSION_DENIED),
+    (ShuttingDown("x"), grpc.StatusCode.UNAVAILABLE),
 ])
 def test_each_deliberate_error_has_its_code(error, code):
     assert status_of(error) == (code, "x")

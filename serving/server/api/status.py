@@ -20,8 +20,11 @@ from ..errors import (
     InvalidInput,
     ModelNotFound,
     ModelNotReady,
+    PermissionDenied,
     QueueFull,
     ServingError,
+    ShuttingDown,
+    Unauthenticated,
 )
 
 log = logging.getLogger("serving.api")
@@ -34,6 +37,9 @@ _CODES: dict[type[ServingError], grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     BatcherStopped: grpc.StatusCode.UNAVAILABLE,
     CamUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     InternalError: grpc.StatusCode.INTERNAL,  # logged where it was raised, with the traceback
 }
 
