@@ -61,13 +61,27 @@ class ModelVersion:
                                 "the server log has the details") from e
 
 
-def load_version(spec: ModelSpec, version: int, options: RuntimeOptions | None = None,
-                 observer: BatchObserver | None = None) -> ModelVersion:
-    """Create sessions, read CAM weights and metadata, warm up, and put a batcher (not yet started) in front."""
+@dataclass
+class LoadedVersion:
+    """A version's sessions and batch execution, checked against its config and warmed up: what a server
+    puts a batcher in front of, and what a batch job's worker calls directly."""
+    execution: BatchExecution
+    metadata: dict
+    cam_reason: str  # why the version cannot explain ("" when it can)
+
+    @property
+    def sessions(self) -> OrtSessions:
+        return self.execution.sessions
+
+
+def load_execution(spec: ModelSpec, version: int, options: RuntimeOptions | None = None,
+                   instances: int | None = None) -> LoadedVersion:
+    """Create sessions (one per instance, the config's count unless given), read CAM weights and
+    metadata, check the graph against the config, and warm up."""
     vdir = spec.directory / str(version)
     outputs = [spec.logits_output] + ([spec.features_output] if spec.features_output else [])
     b = spec.batching
-    sessions = OrtSessions(vdir / MODEL_FILE, spec.input_name, outputs, b.instances, options)
+    sessions = OrtSessions(vdir / MODEL_FILE, spec.input_name, outputs, instances or b.instances, options)
     pre = spec.preprocessing
     _check_shapes(sessions, spec)
     metadata = read_metadata(vdir)
@@ -78,7 +92,14 @@ def load_version(spec: ModelSpec, version: int, options: RuntimeOptions | None =
     elif not cam_reason:
         cam_reason = "the repository has no CAM weights for this version"
     sessions.warm_up((pre.channels, pre.height, pre.width), b.max_batch_size)
-    execution = BatchExecution(spec, sessions, cam_weights)
+    return LoadedVersion(BatchExecution(spec, sessions, cam_weights), metadata, cam_reason)
+
+
+def load_version(spec: ModelSpec, version: int, options: RuntimeOptions | None = None,
+                 observer: BatchObserver | None = None) -> ModelVersion:
+    """The loaded version with a batcher (not yet started) in front."""
+    loaded = load_execution(spec, version, options)
+    sessions, execution, b, pre = loaded.sessions, loaded.execution, spec.batching, spec.preprocessing
     batcher = DynamicBatcher(
         execution.execute, max_batch_size=b.max_batch_size, max_queue_delay_s=b.max_queue_delay_us / 1e6,
         preferred_batch_sizes=b.preferred_batch_sizes, max_queue_size=b.max_queue_size,
@@ -86,7 +107,7 @@ def load_version(spec: ModelSpec, version: int, options: RuntimeOptions | None =
         combine=b.combine_requests, merge=InferenceResult.concat, observer=observer,
         inline_max_units=_inline_units(sessions, (pre.channels, pre.height, pre.width), b),
         name=f"{spec.name}:{version}")
-    return ModelVersion(spec, version, sessions, execution, batcher, metadata, cam_reason)
+    return ModelVersion(spec, version, sessions, execution, batcher, loaded.metadata, loaded.cam_reason)
 
 
 def _inline_units(sessions: OrtSessions, shape: tuple[int, ...], b: BatchingOptions) -> int:
