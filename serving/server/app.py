@@ -137,7 +137,10 @@ class InferenceServer:
         finished = await self.admission.wait_idle(timeout_s)
         if not finished:
             log.warning("exit timeout (%gs): %d call(s) still running are cut", timeout_s, self.admission.in_flight)
-        return finished
+            return False
+        await self.admission.wait_quiet()
+        log.info("drained: every accepted call answered; %d new call(s) refused", self.admission.refused)
+        return True
 
     async def stop(self, grace_s: float = 5.0, drain_delay_s: float = 0.0) -> bool:
         """Drain (see `drain`), close the port, then unload the models. True when no accepted call was cut."""
@@ -177,9 +180,6 @@ async def serve(options: ServerOptions, ready_message: bool = True) -> int:
     the exit timeout or a second signal cut some."""
     server = InferenceServer(options)
     port = await server.start()
-    if ready_message:
-        # A machine-readable line for scripts and tests that start the server on port 0.
-        print(f"SERVING {options.host}:{port}", flush=True)
     loop = asyncio.get_running_loop()
     first, second = asyncio.Event(), asyncio.Event()
 
@@ -192,6 +192,10 @@ async def serve(options: ServerOptions, ready_message: bool = True) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
+    if ready_message:
+        # A machine-readable line for scripts and tests that start the server on port 0 (signals are handled
+        # from here on).
+        print(f"SERVING {options.host}:{port}", flush=True)
     terminated = asyncio.create_task(server.wait())
     signalled = asyncio.create_task(first.wait())
     await asyncio.wait([terminated, signalled], return_when=asyncio.FIRST_COMPLETED)
@@ -203,8 +207,9 @@ async def serve(options: ServerOptions, ready_message: bool = True) -> int:
     else:
         log.warning("second signal: exiting now; %d call(s) still running are cut", server.admission.in_flight)
         draining.cancel()
-        finished = False
+        finished = not server.admission.in_flight
     forced.cancel()
+    signalled.cancel()
     await server.close(grace_s=1.0 if finished else 0.0)
     log.info("stopped")
     return 0 if finished else 1

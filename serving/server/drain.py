@@ -5,17 +5,25 @@ While the server accepts, a call is counted in flight until it ends. `close()` s
 is refused with ShuttingDown (UNAVAILABLE, which clients retry on another replica), and each open stream
 stops reading. The requests a stream has read are still answered, in order, and the stream then ends
 UNAVAILABLE, so its client knows that whatever it sent after that was not run. `wait_idle` returns once
-no call is left, and only then does the server unload its models.
+no call is left; `wait_quiet` then keeps refusing until callers have stopped coming, and only then does the
+server close its port and unload its models.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections.abc import AsyncIterable, AsyncIterator
 
 from .errors import ShuttingDown
 
 SHUTTING_DOWN = "the server is shutting down; send the call to another replica"
+# After the last admitted call, the port stays open (refusing) until no call has come for QUIET_S, for at most
+# QUIET_LIMIT_S. gRPC cancels the calls it has received but not yet handed to a handler when the port closes:
+# a client whose last call was just answered, and which sends its next one at once, would see CANCELLED.
+QUIET_S = 0.25
+QUIET_LIMIT_S = 2.0
 STREAM_CUT = ("the server is shutting down: the requests this stream sent before now were answered; send the "
               "rest to another replica")
 
@@ -24,12 +32,16 @@ class Admission:
     def __init__(self) -> None:
         self.accepting = True
         self.in_flight = 0            # calls admitted and not yet ended (unary and streams)
+        self.refused = 0              # calls refused since close()
+        self._last_refused = -math.inf
         self._idle: asyncio.Event | None = None
         self._reading: set[asyncio.Task] = set()  # stream readers waiting for their client's next message
         self._cut: set[asyncio.Task] = set()      # the readers close() cancelled, told apart from other cancels
 
     def enter(self) -> None:
         if not self.accepting:
+            self.refused += 1
+            self._last_refused = time.monotonic()
             raise ShuttingDown(SHUTTING_DOWN)
         self.in_flight += 1
 
@@ -59,6 +71,13 @@ class Admission:
         except TimeoutError:
             return False
         return True
+
+    async def wait_quiet(self, quiet_s: float = QUIET_S, limit_s: float = QUIET_LIMIT_S) -> None:
+        """Keep refusing until no call has come for `quiet_s` (callers told UNAVAILABLE have gone elsewhere),
+        for at most `limit_s`."""
+        end = time.monotonic() + limit_s
+        while (now := time.monotonic()) < end and (wait := self._last_refused + quiet_s - now) > 0:
+            await asyncio.sleep(min(wait, end - now))
 
     def stream_reads(self, requests: AsyncIterable) -> StreamReads:
         return StreamReads(self, requests)
