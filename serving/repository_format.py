@@ -30,6 +30,9 @@ from google.protobuf import text_format
 
 from .wire.inference import model_config_pb2 as mc
 
+# The repository bundled with a checkout (the Fashion-MNIST model): what `serve` and the Ray engine use
+# when no repository is named.
+BUNDLED_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 CONFIG_FILE = "config.pbtxt"
 PLATFORM = "onnxruntime_onnx"  # Triton's name for what serves these models
 LABELS_FILE = "labels.txt"

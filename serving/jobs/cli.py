@@ -23,16 +23,20 @@ from .errors import BatchError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", nargs="?", help="a folder of images (subfolders = classes), an .npz, a .csv/.txt "
-                   "list (path[,label] per line) or an IDX images file")
+                   "list (path[,label] per line), a .parquet (column image or path, optional id and label) or an "
+                   "IDX images file")
+    p.add_argument("--engine", choices=["grpc", "ray"], default="grpc", help="grpc: stream to running servers "
+                   "(the deployed fleet); ray: an actor pool loads the model itself, next to the data "
+                   "(the [ray] extra)")
     p.add_argument("--idx-images", help="IDX images file (.gz or not), e.g. t10k-images-idx3-ubyte.gz")
     p.add_argument("--idx-labels", help="IDX labels file matching --idx-images")
     p.add_argument("--server", default="127.0.0.1:8001", help="host:port, comma-separated for several "
                    "replicas (one stream each, requests dealt round robin)")
     p.add_argument("--model", default="", help="model name (default: the only one served)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a call (or a silent stream) may take")
-    p.add_argument("-o", "--output", default="predictions.jsonl", help="JSONL, or CSV when it ends in .csv; "
-                   "an existing file is resumed")
-    p.add_argument("--batch-size", type=int, default=64, help="images per request")
+    p.add_argument("-o", "--output", default="predictions.jsonl", help="JSONL, CSV when it ends in .csv, or a "
+                   "folder of Parquet parts when it ends in .parquet; an existing output is resumed")
+    p.add_argument("--batch-size", type=int, default=64, help="images per request (gRPC) or per actor call (Ray)")
     p.add_argument("--window", type=int, default=8, help="requests in flight per stream")
     p.add_argument("--top-k", type=int, default=5, help="predictions kept per image")
     p.add_argument("--cam-dir", help="write a CAM overlay PNG per image here (via Explain)")
@@ -42,6 +46,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", type=int, default=3, help="retries of a request or stream on UNAVAILABLE/busy")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     connection.add_arguments(p)
+    ray = p.add_argument_group("Ray engine (--engine ray)")
+    ray.add_argument("--model-repository", default="", help="the repository the actors load the model from; "
+                     "every node must read it (default: the bundled one, in a checkout)")
+    ray.add_argument("--ray-address", default="", help="a Ray cluster to join (`auto`, or ray://host:10001); "
+                     "default: a local Ray on this machine")
+    ray.add_argument("--num-actors", type=int, default=0, help="actors in the pool (default: the cluster's CPUs "
+                     "less one, which Ray Data's read tasks need)")
+    ray.add_argument("--gpus-per-actor", type=float, default=0, help="GPUs each actor takes (then it runs on CUDA)")
+    ray.add_argument("--threads-per-actor", type=int, default=0, help="onnxruntime threads per actor (default: "
+                     "locally the cores divided among the actors; on a cluster 1)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
         print("error: --batch-size and --window must be at least 1", file=sys.stderr)
         return 2
     try:
+        if args.engine == "ray":
+            from . import ray_engine  # loads the server's model code: only with --engine ray
+            return ray_engine.run_job(args)
         return asyncio.run(grpc_engine.run_job(args))
     except BatchError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -59,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_subcommands(subparsers) -> None:
-    p = subparsers.add_parser("batch", help="classify a whole data set (IDX, npz, folder, list) to JSONL/CSV",
+    p = subparsers.add_parser("batch", help="classify a whole data set (IDX, npz, folder, list, Parquet) to "
+                              "JSONL/CSV/Parquet, through servers or on Ray",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run)

@@ -24,6 +24,7 @@ from ..client import RETRYABLE, AsyncClassifierClient, ModelInfo, connection
 from .errors import BatchError
 from .output import Output, cam_file_name
 from .report import mistakes_sheet, plot_confusion_matrix, summarize, worst_mistakes, write_summary
+from .rows import Truth, error_row, prediction_rows
 from .sources import Source, open_source, resolve_labels
 
 # Per-request errors worth sending again: the client's retryable ones, and a replica that is busy (a full
@@ -65,11 +66,10 @@ class RunStats:
 class StreamJob:
     """Deals requests round robin over one ClassifyStream per target and writes every answer."""
 
-    def __init__(self, client: AsyncClassifierClient, source: Source, info: ModelInfo, true_index: np.ndarray,
-                 true_names: np.ndarray, output: Output, todo: np.ndarray, done: int, options: JobOptions):
+    def __init__(self, client: AsyncClassifierClient, source: Source, info: ModelInfo, truth: Truth,
+                 output: Output, todo: np.ndarray, done: int, options: JobOptions):
         self.client, self.source, self.info, self.output, self.o = client, source, info, output, options
-        self.true_index, self.true_names = true_index, true_names
-        self.has_labels = len(true_index) > 0
+        self.truth = truth
         self.queues: list[collections.deque[_Request]] = [collections.deque() for _ in client.targets]
         for n, start in enumerate(range(0, len(todo), options.batch_size)):
             self.queues[n % len(self.queues)].append(_Request(str(n), todo[start:start + options.batch_size]))
@@ -170,25 +170,16 @@ class StreamJob:
                                            for j in range(len(request.positions))]))
             else:
                 pos = int(request.positions[0])
-                row = {"id": self.source.ids[pos], "error": f"{code.name}: {response.error_message}"}
-                self._write([self._with_file(row, pos)])
+                self._write([error_row(self.source, pos, code.name, response.error_message)])
             return
         reply = response.response
         self.stats.model_versions.add((reply.model, reply.version))
-        rows, predicted = [], np.empty(len(request.positions), np.int64)
-        for j, (pos, result) in enumerate(zip(request.positions.tolist(), reply.results, strict=True)):
-            preds = result.predictions
-            predicted[j] = preds[0].index
-            rows.append(self._with_file({"id": self.source.ids[pos], "labels": [p.label for p in preds],
-                                         "scores": [round(p.score, 6) for p in preds]}, pos))
-        mistake = np.zeros(len(rows), bool)
-        if self.has_labels:
-            names = self.true_names[request.positions]
-            known = names != ""  # folder inputs may mix labelled subfolders with unlabelled top-level files
-            mistake = known & (predicted != self.true_index[request.positions])
-            for row, name, has, wrong in zip(rows, names.tolist(), known.tolist(), mistake.tolist(), strict=True):
-                if has:
-                    row["true_label"], row["correct"] = name, not wrong
+        labels = [[p.label for p in result.predictions] for result in reply.results]
+        scores = [[p.score for p in result.predictions] for result in reply.results]
+        predicted = np.array([result.predictions[0].index for result in reply.results], np.int64)
+        if len(labels) != len(request.positions):
+            raise BatchError(f"request {request.request_id}: {len(labels)} results for {len(request.positions)} images")
+        rows, mistake = prediction_rows(self.source, request.positions, labels, scores, predicted, self.truth)
         if self.o.cam_dir is None:
             self._write(rows)
             return
@@ -222,11 +213,6 @@ class StreamJob:
         finally:
             self._cam_slots.release()
 
-    def _with_file(self, row: dict, pos: int) -> dict:
-        if self.source.files is not None:
-            row["file"] = str(self.source.files[pos])
-        return row
-
     def _write(self, rows: list[dict]) -> None:
         self.output.append(rows)
         self.stats.images += len(rows)
@@ -246,7 +232,7 @@ async def run_job(args: argparse.Namespace) -> int:
         already = len(source) - len(todo)  # ids of this input found in the output
         if args.stop_after is not None:
             todo = todo[:args.stop_after]
-        true_index, true_names = resolve_labels(source.labels, info.labels)
+        truth = Truth(*resolve_labels(source.labels, info.labels))
         cam_dir = Path(args.cam_dir) if args.cam_dir else None
         if cam_dir and not info.supports_cam:
             print(f"warning: {info.name} cannot explain ({info.cam_unsupported_reason}); no CAM overlays",
@@ -263,7 +249,7 @@ async def run_job(args: argparse.Namespace) -> int:
                              cam_mistakes_only=args.cam_mistakes_only, progress=not args.no_progress)
         output.open()
         try:
-            job = StreamJob(client, source, info, true_index, true_names, output, todo, already, options)
+            job = StreamJob(client, source, info, truth, output, todo, already, options)
             stats = await job.run()
         finally:
             output.close()

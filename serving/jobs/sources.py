@@ -31,11 +31,13 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 @dataclass
 class Source:
-    """What to classify: ids (unique), pixels [N, H, W(, C)] or files, and raw labels when known."""
+    """What to classify: ids (unique), and pixels [N, H, W(, C)], files or encoded images (one of the
+    three), and raw labels when known."""
     description: str
     ids: list[str]
     pixels: np.ndarray | None = None
     files: list[Path] | None = None
+    encoded: list[bytes] | None = None
     labels: np.ndarray | None = None       # int64 class indices or str class names, [N]
 
     def __len__(self) -> int:
@@ -44,15 +46,13 @@ class Source:
     def images(self, positions: np.ndarray) -> Sequence[ImageLike]:
         if self.pixels is not None:
             return self.pixels[positions]   # the client sends each [H, W(, C)] slice as a uint8 tensor
-        assert self.files is not None
-        return [self.files[p] for p in positions.tolist()]
+        stored = self.files if self.files is not None else self.encoded
+        assert stored is not None
+        return [stored[p] for p in positions.tolist()]
 
-    def picture(self, position: int) -> np.ndarray | Path:
-        """One input as it is stored (pixels or a file), for the contact sheet when the model cannot explain."""
-        if self.pixels is not None:
-            return self.pixels[position]
-        assert self.files is not None
-        return self.files[position]
+    def picture(self, position: int) -> np.ndarray | Path | bytes:
+        """One input as it is stored, for the contact sheet when the model cannot explain."""
+        return self.images(np.array([position]))[0]
 
 
 def _array_source(description: str, images: np.ndarray, labels: np.ndarray | None) -> Source:
@@ -116,6 +116,27 @@ def load_list(path: str | Path) -> Source:
     return Source(f"list {path}", ids, files=files, labels=np.array(labels) if has_labels else None)
 
 
+def load_parquet(path: str | Path) -> Source:
+    """A Parquet file or dataset folder: a column `image` (encoded PNG/JPEG bytes) or `path` (image files,
+    relative to the Parquet's folder), optional `id` (unique; default the row number) and `label`."""
+    from .output import pyarrow_modules
+    _, pq = pyarrow_modules()
+    path = Path(path)
+    table = pq.read_table(path)
+    names = set(table.column_names)
+    if not names & {"image", "path"}:
+        raise BatchError(f"{path} has columns {sorted(names)}; expected `image` (encoded bytes) or `path`")
+    ids = [str(i) for i in table.column("id").to_pylist()] if "id" in names else [str(i) for i in range(len(table))]
+    if len(set(ids)) != len(ids):
+        raise BatchError(f"{path}: the `id` column repeats values; ids must be unique")
+    labels = np.array([str(v) for v in table.column("label").to_pylist()]) if "label" in names else None
+    if "image" in names:
+        return Source(f"parquet {path}", ids, encoded=table.column("image").to_pylist(), labels=labels)
+    base = path if path.is_dir() else path.parent
+    files = [Path(p) if Path(p).is_absolute() else base / p for p in table.column("path").to_pylist()]
+    return Source(f"parquet {path}", ids, files=files, labels=labels)
+
+
 def open_source(args: argparse.Namespace) -> Source:
     if args.idx_images:
         if args.input:
@@ -126,6 +147,8 @@ def open_source(args: argparse.Namespace) -> Source:
     if not args.input:
         raise BatchError("nothing to classify: give an INPUT (folder, .npz, .csv/.txt list) or --idx-images")
     p = Path(args.input)
+    if p.suffix.lower() == ".parquet":
+        return load_parquet(p)
     if p.is_dir():
         return load_folder(p)
     if not p.exists():
@@ -138,7 +161,7 @@ def open_source(args: argparse.Namespace) -> Source:
     head = p.open("rb").read(4)
     if head[:2] in (b"\0\0", b"\x1f\x8b"):
         return load_idx(p)  # IDX images alone; labels only come with --idx-labels
-    raise BatchError(f"cannot tell what {p} is: expected a folder, .npz, .csv/.txt list or IDX file")
+    raise BatchError(f"cannot tell what {p} is: expected a folder, .npz, .csv/.txt list, .parquet or IDX file")
 
 
 def resolve_labels(raw: np.ndarray | None, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -42,8 +42,10 @@ def decode_image(data: bytes) -> Image.Image:
         img.load()
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as e:
         head = data[:8].hex()
+        # Pillow's text for an unknown format names its in-memory buffer object: say what it means instead.
+        reason = "not a format Pillow reads" if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}"
         raise InvalidInput(f"cannot decode image ({len(data)} bytes, starts with {head}): expected PNG or "
-                           f"JPEG ({type(e).__name__}: {e})") from None
+                           f"JPEG ({reason})") from None
     return img
 
 

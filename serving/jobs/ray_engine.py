@@ -1,0 +1,238 @@
+"""The Ray engine of batch jobs: the data set as a Ray Dataset, classified by a pool of actors that each load
+one model version with the server's own code (repository format, onnxruntime sessions, batch execution:
+decode -> one run -> probabilities and ranking), next to the data, with no server in between.
+
+    python -m serving batch --engine ray --idx-images t10k-images-idx3-ubyte.gz --idx-labels ... -o preds.jsonl
+    python -m serving batch --engine ray images.parquet --ray-address auto --num-actors 8 --gpus-per-actor 1
+
+The rows are the gRPC engine's (same ids, top-k, scores and true labels: `rows.py` builds them for both),
+written by the driver as batches come back, so an interrupted job resumes the same way: ids already in the
+output are skipped. The driver lists the input (ids, labels, and the pixels or bytes of in-memory inputs);
+image files are read by the actors, so the files and the model repository must be readable by every node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..repository_format import BUNDLED_REPOSITORY, CONFIG_FILE, ModelSpec, list_versions, load_spec, select_versions
+from .errors import BatchError
+from .output import Output
+from .report import mistakes_sheet, plot_confusion_matrix, summarize, worst_mistakes, write_summary
+from .rows import Truth, error_row, prediction_rows
+from .sources import Source, open_source, resolve_labels
+
+RAY_EXTRA_HINT = "the Ray engine needs Ray: pip install 'cnn-serving[ray]'"
+ROWS_PER_BLOCK_PER_BATCH = 4  # blocks of a few batches: enough blocks to keep every actor busy
+
+
+def choose_model(repository: Path, model: str) -> tuple[ModelSpec, int]:
+    """The named model (or the repository's only one) at the newest version its version policy serves."""
+    if not repository.is_dir():
+        raise BatchError(f"model repository {repository} is not a directory")
+    names = sorted(p.name for p in repository.iterdir() if (p / CONFIG_FILE).exists())
+    if not model:
+        if len(names) != 1:
+            raise BatchError(f"{repository} holds {', '.join(names) or 'no models'}; choose one with --model")
+        model = names[0]
+    if model not in names:
+        raise BatchError(f"model {model!r} is not in {repository} (models: {', '.join(names) or 'none'})")
+    spec = load_spec(repository / model)
+    versions = select_versions(spec.config, list_versions(spec.directory))
+    if not versions:
+        raise BatchError(f"model {model!r} has no version directory with a model file in {repository}")
+    return spec, versions[-1]
+
+
+class Classifier:
+    """The actor: one model version, loaded once with the server's code; one call per batch of rows.
+
+    Each image is its own request to the batch execution, as a server would see single-image requests
+    batched together: the batch is still decoded into one buffer and run once, and an image that cannot be
+    decoded fails alone, with the status name the server would answer.
+    """
+
+    def __init__(self, repository: str, model: str, version: int, top_k: int, threads: int, device: str):
+        from ..server.model import load_execution
+        from ..server.runtime import RuntimeOptions
+        spec = load_spec(Path(repository) / model)
+        options = RuntimeOptions(device=device, intra_op_threads=threads)
+        self.execution = load_execution(spec, version, options, instances=1).execution
+        self.top_k = top_k
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ..server.api.status import status_of
+        from ..server.inference import InferenceRequest, RawTensor
+        if "pixels" in batch:
+            images = [RawTensor(p.shape, "uint8", p.tobytes()) for p in batch["pixels"]]
+        elif "path" in batch:
+            images = [Path(p).read_bytes() for p in batch["path"]]
+        else:
+            images = [bytes(b) for b in batch["encoded"]]
+        results = self.execution.execute([InferenceRequest([image]) for image in images])
+        n, k = len(images), self.top_k
+        top_index, top_score = np.zeros((n, k), np.int64), np.zeros((n, k), np.float32)
+        status, message = np.full(n, "", object), np.full(n, "", object)
+        for j, result in enumerate(results):
+            if isinstance(result, Exception):
+                code, text = status_of(result)
+                status[j], message[j] = code.name, text
+            else:
+                top_index[j], top_score[j] = result.ranking[0, :k], result.ranked_probabilities[0, :k]
+        return {"position": batch["position"], "top_index": top_index, "top_score": top_score,
+                "error_status": status, "error_message": message}
+
+
+@dataclass
+class RayRun:
+    images: int = 0
+    seconds: float = 0.0          # from the first batch back to the last: start-up excluded
+    startup_seconds: float = 0.0  # Ray, the actors and their models, and the first batch
+    actors: int = 0
+    threads_per_actor: int = 0
+
+
+def _dataset(ray, source: Source, todo: np.ndarray, batch_size: int):
+    """The images to classify as a Ray Dataset of several blocks: positions, and the pixels, file paths or
+    encoded bytes of each."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+    block = max(1, batch_size * ROWS_PER_BLOCK_PER_BATCH)
+    tables = []
+    for start in range(0, len(todo), block):
+        positions = todo[start:start + block]
+        columns: dict = {"position": pa.array(positions, pa.int64())}
+        if source.pixels is not None:
+            columns["pixels"] = ArrowTensorArray.from_numpy(np.ascontiguousarray(source.pixels[positions]))
+        elif source.files is not None:
+            columns["path"] = pa.array([str(source.files[p]) for p in positions.tolist()])
+        else:
+            columns["encoded"] = pa.array(source.images(positions), pa.binary())
+        tables.append(pa.table(columns))
+    return ray.data.from_arrow(tables)
+
+
+def classify(args: argparse.Namespace, source: Source, spec: ModelSpec, version: int, todo: np.ndarray,
+             top_k: int, truth: Truth, output: Output, progress) -> RayRun:
+    try:
+        import ray
+    except ImportError:
+        raise BatchError(RAY_EXTRA_HINT) from None
+    started = time.perf_counter()
+    local = not args.ray_address
+    ray.init(address=args.ray_address or None, num_cpus=os.cpu_count() if local else None, include_dashboard=False,
+             log_to_driver=False, logging_level="WARNING", configure_logging=True)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts rows written
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # its plan and timing lines, at every run
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        # One CPU stays free for Ray Data's read tasks: a pool that takes every CPU deadlocks them.
+        actors = args.num_actors or max(1, cpus - 1)
+        threads = args.threads_per_actor or max(1, (os.cpu_count() or 1) // actors if local else 1)
+        run = RayRun(actors=actors, threads_per_actor=threads)
+        device = "cuda" if args.gpus_per_actor else "cpu"
+        classified = _dataset(ray, source, todo, args.batch_size).map_batches(
+            Classifier, fn_constructor_kwargs=dict(repository=str(spec.directory.parent), model=spec.name,
+                                                   version=version, top_k=top_k, threads=threads, device=device),
+            batch_size=args.batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
+            num_gpus=args.gpus_per_actor or None, batch_format="numpy")
+        first_back = None
+        for batch in classified.iter_batches(batch_size=None, batch_format="numpy"):
+            if first_back is None:
+                first_back = time.perf_counter()
+                run.startup_seconds = first_back - started
+            rows = _rows(source, spec, truth, batch)
+            output.append(rows)
+            run.images += len(rows)
+            progress.update(len(rows))
+        run.seconds = time.perf_counter() - first_back if first_back else 0.0
+        return run
+    finally:
+        ray.shutdown()
+
+
+def _rows(source: Source, spec: ModelSpec, truth: Truth, batch: dict[str, np.ndarray]) -> list[dict]:
+    ok = batch["error_status"] == ""
+    positions = batch["position"][ok]
+    labels = [[spec.labels[i] for i in row] for row in batch["top_index"][ok].tolist()]
+    rows, _ = prediction_rows(source, positions, labels, batch["top_score"][ok].tolist(),
+                              batch["top_index"][ok, 0], truth)
+    for position, status, message in zip(batch["position"][~ok].tolist(), batch["error_status"][~ok].tolist(),
+                                         batch["error_message"][~ok].tolist(), strict=True):
+        rows.append(error_row(source, position, status, message))
+    return rows
+
+
+def _mistake_overlays(spec: ModelSpec, version: int, source: Source, mistakes: list[dict]) -> list:
+    """CAM overlays of the mistakes, computed in the driver with the same code (the inputs themselves when
+    the model cannot explain)."""
+    from ..server.cam import overlay_png
+    from ..server.inference import InferenceRequest, RawTensor
+    from ..server.model import load_execution
+    from ..server.preprocess import input_image_uint8
+    from ..server.runtime import RuntimeOptions
+    position = {image_id: p for p, image_id in enumerate(source.ids)}
+    pictures = [source.picture(position[r["id"]]) for r in mistakes]
+    loaded = load_execution(spec, version, RuntimeOptions(device="cpu"), instances=1)
+    if loaded.cam_reason or not mistakes:
+        return pictures
+    images = [RawTensor(p.shape, "uint8", p.tobytes()) if isinstance(p, np.ndarray)
+              else p.read_bytes() if isinstance(p, Path) else p for p in pictures]
+    (result,) = loaded.execution.execute([InferenceRequest(images, cam=True, keep_inputs=True)])
+    if isinstance(result, Exception):
+        return pictures
+    return [overlay_png(input_image_uint8(x), heat) for x, heat in zip(result.inputs, result.cams, strict=True)]
+
+
+def run_job(args: argparse.Namespace) -> int:
+    if args.cam_dir:
+        raise BatchError("--cam-dir is for the gRPC engine; the Ray engine writes rows and the summary")
+    source = open_source(args)
+    spec, version = choose_model(Path(args.model_repository or BUNDLED_REPOSITORY), args.model)
+    top_k = max(1, min(args.top_k, spec.num_classes))
+    output = Output(args.output, top_k)
+    done = {r["id"] for r in output.resume()}
+    todo = np.flatnonzero(~np.isin(np.array(source.ids), list(done))) if done else np.arange(len(source))
+    already = len(source) - len(todo)
+    if args.stop_after is not None:
+        todo = todo[:args.stop_after]
+    truth = Truth(*resolve_labels(source.labels, spec.labels))
+    print(f"{source.description}: {len(source)} images, {already} done already, {len(todo)} to classify with "
+          f"{spec.name} v{version} on Ray", file=sys.stderr)
+    from tqdm import tqdm
+    output.open()
+    try:
+        with tqdm(total=len(source), initial=already, unit="img", disable=args.no_progress, smoothing=0.1,
+                  dynamic_ncols=True) as progress:
+            run = classify(args, source, spec, version, todo, top_k, truth, output, progress) if len(todo) else RayRun()
+    finally:
+        output.close()
+    rows = output.resume()
+    left = len(source) - len({r["id"] for r in rows} & set(source.ids))
+    if left:
+        print(f"stopped with {left} of {len(source)} images still to classify; run the same command again "
+              f"(without --stop-after) to go on", file=sys.stderr)
+        return 0
+    summary = {"input": source.description, "output": str(output.path), "model": spec.name, "versions": [version],
+               "engine": "ray", "actors": run.actors, "threads_per_actor": run.threads_per_actor,
+               **summarize(rows, spec.labels), "images_this_run": run.images, "seconds": round(run.seconds, 3),
+               "startup_seconds": round(run.startup_seconds, 3),
+               "images_per_second": round(run.images / run.seconds, 1) if run.seconds else None}
+    base = str(output.path)
+    if "confusion_matrix" in summary:
+        png = plot_confusion_matrix(np.array(summary["confusion_matrix"]), spec.labels, Path(base + ".confusion.png"),
+                                    spec.name)
+        summary["confusion_png"] = str(png) if png else None
+        mistakes = worst_mistakes(rows, source, args.sheet_size)
+        sheet = mistakes_sheet(mistakes, _mistake_overlays(spec, version, source, mistakes), Path(base + ".mistakes.png"))
+        summary["mistakes_png"] = str(sheet) if sheet else None
+    write_summary(summary, base)
+    return 0

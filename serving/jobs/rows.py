@@ -1,0 +1,48 @@
+"""The rows a batch job writes, built the same way by every engine, so that their outputs compare row by row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .sources import Source
+
+
+@dataclass
+class Truth:
+    """The true class of each image of a source, as the model's class index (-1: unknown) and name."""
+    index: np.ndarray   # [N] int64, or empty when the source has no labels
+    names: np.ndarray   # [N] str
+
+    @property
+    def known(self) -> bool:
+        return len(self.index) > 0
+
+
+def prediction_rows(source: Source, positions: np.ndarray, labels: list[list[str]], scores: list[list[float]],
+                    predicted: np.ndarray, truth: Truth) -> tuple[list[dict], np.ndarray]:
+    """One row per image (its id, top-k labels and scores, its file, and whether it was right when the truth
+    is known), and which images were mistakes."""
+    rows = [with_file(source, {"id": source.ids[pos], "labels": top, "scores": [round(s, 6) for s in ranked]}, pos)
+            for pos, top, ranked in zip(positions.tolist(), labels, scores, strict=True)]
+    mistake = np.zeros(len(rows), bool)
+    if truth.known:
+        names = truth.names[positions]
+        known = names != ""  # folder inputs may mix labelled subfolders with unlabelled top-level files
+        mistake = known & (predicted != truth.index[positions])
+        for row, name, has, wrong in zip(rows, names.tolist(), known.tolist(), mistake.tolist(), strict=True):
+            if has:
+                row["true_label"], row["correct"] = name, not wrong
+    return rows, mistake
+
+
+def error_row(source: Source, position: int, status: str, message: str) -> dict:
+    """The row of an image the model could not answer: `status` is the gRPC status name the server gives."""
+    return with_file(source, {"id": source.ids[position], "error": f"{status}: {message}"}, position)
+
+
+def with_file(source: Source, row: dict, position: int) -> dict:
+    if source.files is not None:
+        row["file"] = str(source.files[position])
+    return row
