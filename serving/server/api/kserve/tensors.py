@@ -33,7 +33,7 @@ def parse_version(version: str) -> int:
     """Triton versions are strings; empty means the one the version policy serves (the newest ready)."""
     if not version:
         return 0
-    if not version.isdigit():
+    if not (version.isascii() and version.isdigit()):  # isdigit alone takes "²", which int() refuses
         raise InvalidInput(f"model version {version!r} is not a non-negative integer")
     return int(version)
 
@@ -47,7 +47,7 @@ def int_param(params, key: str) -> int | None:
         return int(getattr(p, kind))
     if kind == "double_param" and float(p.double_param).is_integer():
         return int(p.double_param)
-    if kind == "string_param" and p.string_param.lstrip("-").isdigit():
+    if kind == "string_param" and p.string_param.isascii() and p.string_param.lstrip("-").isdigit():
         return int(p.string_param)
     raise InvalidInput(f"parameter {key!r} must be an integer, got {kind or 'nothing'}")
 
