@@ -55,9 +55,9 @@ def choose_model(repository: Path, model: str) -> tuple[ModelSpec, int]:
 class Classifier:
     """The actor: one model version, loaded once with the server's code; one call per batch of rows.
 
-    Each image is its own request to the batch execution, as a server would see single-image requests
-    batched together: the batch is still decoded into one buffer and run once, and an image that cannot be
-    decoded fails alone, with the status name the server would answer.
+    The batch goes to the execution as one request (decoded into one buffer, run once). When an image in
+    it cannot be decoded, the batch is sent again image by image, as the gRPC engine resends a failed
+    request, so that image fails alone with the status name the server would answer.
     """
 
     def __init__(self, repository: str, model: str, version: int, top_k: int, threads: int, device: str):
@@ -77,11 +77,15 @@ class Classifier:
             images = [Path(p).read_bytes() for p in batch["path"]]
         else:
             images = [bytes(b) for b in batch["encoded"]]
-        results = self.execution.execute([InferenceRequest([image]) for image in images])
         n, k = len(images), self.top_k
         top_index, top_score = np.zeros((n, k), np.int64), np.zeros((n, k), np.float32)
         status, message = np.full(n, "", object), np.full(n, "", object)
-        for j, result in enumerate(results):
+        (whole,) = self.execution.execute([InferenceRequest(images)])
+        if not isinstance(whole, Exception):
+            top_index[:], top_score[:] = whole.ranking[:, :k], whole.ranked_probabilities[:, :k]
+            return {"position": batch["position"], "top_index": top_index, "top_score": top_score,
+                    "error_status": status, "error_message": message}
+        for j, result in enumerate(self.execution.execute([InferenceRequest([image]) for image in images])):
             if isinstance(result, Exception):
                 code, text = status_of(result)
                 status[j], message[j] = code.name, text

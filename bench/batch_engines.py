@@ -1,0 +1,106 @@
+"""The two batch engines against in-process onnxruntime, on the 10,000 Fashion-MNIST test images, in one run.
+
+    python bench/batch_engines.py --data-dir /usr/share/datasets/fashion-mnist --out bench/results/cpu_batch_engines.md
+
+Rows: onnxruntime in this process at its best batch size (the model alone, float input ready: the ceiling);
+the gRPC engine (`python -m serving batch` streaming to a local server with the bundled model); the Ray
+engine (`--engine ray`, a local Ray). Each engine's images/s is its own summary's: from its first request
+(gRPC) or its first batch back (Ray) to the end, so start-up (the server's, Ray's and the actors') is
+excluded; the Ray start-up is stated apart. Predictions of the two engines are compared row by row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
+
+from serving_bench import start_process, stop_process  # noqa: E402
+
+from serving.idx import read_idx  # noqa: E402
+
+TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
+
+
+def in_process(model_file: Path, images: np.ndarray, batches: list[int]) -> tuple[float, int]:
+    """Best images/s of onnxruntime over the whole set (a warm-up pass first), and the batch size."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+    x = (images[:, None] / np.float32(255)).astype(np.float32)
+    best = (0.0, 0)
+    for n in batches:
+        session.run(["logits"], {"input": x[:n]})
+        started = time.perf_counter()
+        for i in range(0, len(x), n):
+            session.run(["logits"], {"input": x[i:i + n]})
+        best = max(best, (len(x) / (time.perf_counter() - started), n))
+    return best
+
+
+def run_job(args: list[str], output: Path) -> dict:
+    done = subprocess.run([sys.executable, "-m", "serving", "batch", *args, "-o", str(output), "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise SystemExit(f"batch job failed: {done.stderr[-2000:]}")
+    return json.loads(Path(f"{output}.summary.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python bench/batch_engines.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", required=True, help=f"folder with {TEST_IMAGES} and {TEST_LABELS}")
+    p.add_argument("--repository", default=str(ROOT / "model_repository"))
+    p.add_argument("--batch-size", type=int, default=256, help="images per request / per actor call")
+    p.add_argument("--out", help="also write the table here")
+    args = p.parse_args(argv)
+    data = Path(args.data_dir)
+    idx = ["--idx-images", str(data / TEST_IMAGES), "--idx-labels", str(data / TEST_LABELS)]
+    images = read_idx(data / TEST_IMAGES)
+    model_file = next(Path(args.repository).glob("*/1/model.onnx"))
+
+    ceiling, best_batch = in_process(model_file, images, [64, 256, 1024])
+    with tempfile.TemporaryDirectory() as tmp:
+        server, address = start_process(["-m", "serving", "serve", "--model-repository", args.repository, "--port",
+                                         "0", "--log-level", "WARNING", "--max-batch-size", str(args.batch_size)])
+        try:
+            grpc_summary = run_job([*idx, "--server", address, "--batch-size", str(args.batch_size)],
+                                   Path(tmp) / "grpc.jsonl")
+        finally:
+            stop_process(server)
+        ray_summary = run_job([*idx, "--engine", "ray", "--model-repository", args.repository, "--batch-size",
+                               str(args.batch_size)], Path(tmp) / "ray.jsonl")
+        grpc_rows = {r["id"]: r for r in map(json.loads, (Path(tmp) / "grpc.jsonl").read_text().splitlines())}
+        ray_rows = {r["id"]: r for r in map(json.loads, (Path(tmp) / "ray.jsonl").read_text().splitlines())}
+    same = sum(grpc_rows[i] == ray_rows.get(i) for i in grpc_rows)
+    rows = [("onnxruntime in process", ceiling, f"batch {best_batch}, {os.cpu_count()} threads, model only", None),
+            ("gRPC engine (one local server)", grpc_summary["images_per_second"],
+             f"accuracy {100 * grpc_summary['accuracy']:.2f}%", None),
+            ("Ray engine (local Ray)", ray_summary["images_per_second"],
+             f"accuracy {100 * ray_summary['accuracy']:.2f}%, {ray_summary['actors']} actor(s) x "
+             f"{ray_summary['threads_per_actor']} threads", ray_summary["startup_seconds"])]
+    lines = ["| engine | images/s | of in-process | start-up s (excluded) | notes |", "|---|---:|---:|---:|---|"]
+    lines += [f"| {name} | {rate:,.0f} | {rate / ceiling:.2f} | {'' if start is None else f'{start:.1f}'} | {note} |"
+              for name, rate, note, start in rows]
+    lines.append(f"\n{len(images):,} test images; rows identical between the two engines: {same:,} of {len(grpc_rows):,}")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
