@@ -1,4 +1,4 @@
-"""`python -m serving classify|explain|models|repository`: the client's commands (base install)."""
+"""`python -m serving classify|explain|models|repository|health`: the client's commands (base install)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from . import connection, control
+from . import connection, control, health
 from .sync import ClassifierClient
 
 
@@ -78,3 +78,4 @@ def add_subcommands(subparsers) -> None:
     _client_args(p)
     p.set_defaults(func=cmd_models)
     control.add_subcommand(subparsers)
+    health.add_subcommand(subparsers)

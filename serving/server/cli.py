@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 SERVER_EXTRA_HINT = "the server is not installed: pip install 'cnn-serving[server]'"
@@ -99,7 +100,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
 
 
+ENV_PREFIX = "CNN_SERVING_"
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+
+
+def environment_variable(action: argparse.Action) -> str:
+    """The variable that sets a flag: --exit-timeout is CNN_SERVING_EXIT_TIMEOUT."""
+    return ENV_PREFIX + action.dest.upper()
+
+
+def serve_flags(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [a for a in parser._actions if a.option_strings and a.dest != "help"]
+
+
+def apply_environment(parser: argparse.ArgumentParser, environ: dict[str, str]) -> None:
+    """Every serve flag may come from its CNN_SERVING_* variable (containers and Kubernetes set those);
+    a flag on the command line still wins. A value that does not parse is refused with the variable named."""
+    for action in serve_flags(parser):
+        name = environment_variable(action)
+        if name not in environ:
+            continue
+        raw = environ[name].strip()
+        if isinstance(action, argparse._StoreTrueAction):
+            if raw.lower() not in _TRUE | _FALSE:
+                parser.error(f"{name}={raw!r}: use 1/true/yes or 0/false/no")
+            value = raw.lower() in _TRUE
+        else:
+            try:
+                value = action.type(raw) if action.type else raw
+            except ValueError:
+                parser.error(f"{name}={raw!r} is not a valid {action.type.__name__}")
+            if action.choices and value not in action.choices:
+                parser.error(f"{name}={raw!r}: choose one of {', '.join(map(str, action.choices))}")
+        parser.set_defaults(**{action.dest: value})
+
+
 def add_subcommands(subparsers) -> None:
-    p = subparsers.add_parser("serve", help="serve a model repository over gRPC (needs the [server] extra)")
+    p = subparsers.add_parser("serve", help="serve a model repository over gRPC (needs the [server] extra)",
+                              epilog=f"Every flag can be set by its {ENV_PREFIX}* variable: --exit-timeout by "
+                              f"{ENV_PREFIX}EXIT_TIMEOUT, --allow-unauthenticated by {ENV_PREFIX}ALLOW_UNAUTHENTICATED=1.")
     _serve_args(p)
+    apply_environment(p, dict(os.environ))
     p.set_defaults(func=cmd_serve)
