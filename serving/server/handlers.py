@@ -23,9 +23,11 @@ from .errors import ServingError, ShuttingDown
 from .metrics import Metrics
 
 KSERVE = "/inference.GRPCInferenceService/"
-# The management RPCs: they change what the server serves, so they need an admin token. A new management
+# The management RPCs: they change what the server serves or how it runs, so they need an admin token (trace
+# and log settings answer UNIMPLEMENTED today, and are placed here for the day they do not). A new management
 # RPC is added here (a test lists every RPC of both services with the role it needs).
-ADMIN_METHODS = frozenset({KSERVE + "RepositoryModelLoad", KSERVE + "RepositoryModelUnload"})
+ADMIN_METHODS = frozenset({KSERVE + "RepositoryModelLoad", KSERVE + "RepositoryModelUnload", KSERVE + "TraceSetting",
+                           KSERVE + "LogSettings"})
 # KServe's health RPCs need no token, like grpc.health.v1 (Triton groups them as its "health" protocol):
 # readiness probes written for Triton keep working.
 OPEN_METHODS = frozenset({KSERVE + "ServerLive", KSERVE + "ServerReady", KSERVE + "ModelReady"})
