@@ -20,7 +20,7 @@ def to_model_input(images: np.ndarray | torch.Tensor, channels: int, size: tuple
 
     A tensor stays on its device; a numpy array becomes a CPU tensor.
     """
-    pixels = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
+    pixels = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
     x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
     if x.shape[1] != channels:
         if channels == 3 and x.shape[1] == 1:

@@ -243,7 +243,7 @@ class DeviceSplit:
 
 def to_device(split: datasets.Split, device: torch.device) -> DeviceSplit:
     """One copy to the device for the whole run (on the CPU, no copy at all)."""
-    return DeviceSplit(torch.as_tensor(split.images).to(device), torch.as_tensor(split.labels).to(device))
+    return DeviceSplit(torch.from_numpy(split.images).to(device), torch.from_numpy(split.labels).to(device))
 
 
 def model_batch(split: DeviceSplit, idx: torch.Tensor, data: Data, aug: AugmentConfig,
@@ -268,7 +268,7 @@ def epoch_batches(split: DeviceSplit, data: Data, cfg: TrainConfig, rt: Runtime,
     same one and takes every world-th image, and a resumed run sees the order it would have seen. It is copied
     to the device once per epoch, never per step."""
     order = np.random.default_rng(cfg.seed + epoch).permutation(len(split))[rt.rank::rt.world]
-    order = torch.as_tensor(order[: shard_size(len(split), rt.world)].copy()).to(rt.device)
+    order = torch.from_numpy(order[: shard_size(len(split), rt.world)].copy()).to(rt.device)
     for start in range(0, len(order), cfg.batch_size):
         yield model_batch(split, order[start:start + cfg.batch_size], data, cfg.augment, gen)
 
@@ -567,7 +567,7 @@ def train(cfg: TrainConfig) -> dict:
                 stale += 1
             save_last(out / "last.pt", model, optimizer, epoch + 1, history)
             plot_learning_curves(history, out / "learning_curves.png", cfg.model)
-            stopped = stop_reason(cfg, stale, record["elapsed_s"]) if epoch + 1 < cfg.epochs else ""
+            stopped = stop_reason(cfg, stale, time.time() - started) if epoch + 1 < cfg.epochs else ""
         if stop_everywhere(rt, bool(stopped)):
             if stopped:
                 print(f"early stop: {stopped}")

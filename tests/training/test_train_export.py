@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import onnxruntime as ort
-import pytest
 import torch
 from google.protobuf import text_format
 
@@ -32,11 +31,6 @@ def write_quadrant_idx(d):
     write_idx(d / "t10k-images-idx3-ubyte.gz", te[0])
     write_idx(d / "t10k-labels-idx1-ubyte.gz", te[1])
     return d
-
-
-@pytest.fixture(scope="module")
-def tiny_fmnist(tmp_path_factory):
-    return write_quadrant_idx(tmp_path_factory.mktemp("idx"))
 
 
 def test_training_learns_and_writes_artifacts(tiny_fmnist, tmp_path):
