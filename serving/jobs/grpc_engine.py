@@ -30,8 +30,11 @@ from .sources import Source, open_source, resolve_labels
 # Per-request errors worth sending again: the client's retryable ones, and a replica that is busy (a full
 # queue, an aborted call), which a job waits out where an interactive caller would rather hear of it.
 REQUEST_RETRYABLE = RETRYABLE | {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}
-# A whole stream that breaks (or goes silent past the deadline) is reopened on the same address.
-STREAM_RETRYABLE = REQUEST_RETRYABLE | {grpc.StatusCode.DEADLINE_EXCEEDED}
+# A whole stream that breaks (or goes silent past the deadline) is reopened on the same address. INTERNAL is
+# among them for the stream as a whole: a request's own failure comes inside the stream as its error code,
+# so a stream ending INTERNAL was cut on the way (a proxy resets it with RST_STREAM when its replica dies).
+# Reopening resends only what was not answered, and --retries bounds it.
+STREAM_RETRYABLE = REQUEST_RETRYABLE | {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL}
 _STATUS_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
 
 

@@ -145,7 +145,7 @@ def _batch_job_surviving(fleet, tmp_path, disrupt) -> list[dict]:
     written_before = len(out.read_text().splitlines())
     disrupt(victim)
     victim.start()  # back on the same port; Envoy's health check takes it in again
-    assert job.poll() is None, "the job ended before the replica was back"
+    assert job.poll() is None, f"the job ended before the replica was back: {job.stderr.read()[-2000:]}"
     _, stderr = job.communicate(timeout=180)
     assert job.returncode == 0, stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
