@@ -31,6 +31,10 @@ ADMIN_METHODS = frozenset({KSERVE + "RepositoryModelLoad", KSERVE + "RepositoryM
 # KServe's health RPCs need no token, like grpc.health.v1 (Triton groups them as its "health" protocol):
 # readiness probes written for Triton keep working.
 OPEN_METHODS = frozenset({KSERVE + "ServerLive", KSERVE + "ServerReady", KSERVE + "ModelReady"})
+# A stream refused or cut ends after this pause. A grpc.aio client still writing when the status arrives
+# reports INTERNAL ("Internal error from Core") in place of it about one time in three (its write fails
+# after the status came); the pause lets a client's window of writes land first (200 in 200 then).
+STREAM_END_PAUSE_S = 0.05
 
 
 def required_role(method: str) -> Role | None:
@@ -39,10 +43,6 @@ def required_role(method: str) -> Role | None:
         return None
     return Role.ADMIN if method in ADMIN_METHODS else Role.INFERENCE
 
-# A stream refused or cut ends after this pause. A grpc.aio client still writing when the status arrives
-# reports INTERNAL ("Internal error from Core") in place of it about one time in three (its write fails
-# after the status came); the pause lets a client's window of writes land first (200 in 200 then).
-STREAM_END_PAUSE_S = 0.05
 
 # (full method name, handler) -> handler
 Wrapper = Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler]
