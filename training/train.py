@@ -166,7 +166,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """bf16 on CUDA by default: tensor-core speed without fp16's loss scaling. The CPU stays fp32 unless asked:
-    its bf16 autocast is correct but, on CPUs without AMX, no faster."""
+    its bf16 autocast is correct, but without bf16 matrix instructions (AMX) it is several times slower."""
     if amp == "off":
         return None
     if amp == "bf16":
