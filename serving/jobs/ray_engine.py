@@ -145,8 +145,7 @@ def classify(args: argparse.Namespace, source: Source, spec: ModelSpec, version:
         raise BatchError(RAY_EXTRA_HINT) from None
     started_at = time.time()
     local = not args.ray_address
-    ray.init(address=args.ray_address or None, num_cpus=os.cpu_count() if local else None, include_dashboard=False,
-             log_to_driver=False, logging_level="WARNING", configure_logging=True)
+    _start_ray(ray, args.ray_address, os.cpu_count() if local else None)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts rows written
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # its plan and timing lines, at every run
@@ -175,6 +174,22 @@ def classify(args: argparse.Namespace, source: Source, spec: ModelSpec, version:
         return run
     finally:
         ray.shutdown()
+
+
+def _start_ray(ray, address: str, cpus: int | None, attempts: int = 3) -> None:
+    """Join the cluster, or start a local Ray. A local node on a busy machine sometimes misses Ray's start-up
+    deadline (seen here while the previous job's node was still shutting down): it is tried again."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address or None, num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                     logging_level="WARNING", configure_logging=True)
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a plain Exception for this
+            if address or "timed out during startup" not in str(e) or attempt == attempts:
+                raise
+            print(f"the local Ray node did not start in time; trying again ({attempt}/{attempts - 1})", file=sys.stderr)
+            ray.shutdown()
+            time.sleep(2 * attempt)
 
 
 def _rows(source: Source, spec: ModelSpec, truth: Truth, batch: dict[str, np.ndarray]) -> list[dict]:
