@@ -8,6 +8,7 @@ import contextlib
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +17,16 @@ from training.export import export_to_repository
 from training.models import create_model
 
 LABELS = [f"class_{i}" for i in range(10)]
+
+
+def ramp_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n uint8 28x28 ramps of random direction with noise, and random labels: an untrained model gives several
+    different answers to them (to noise alone, one)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:28, :28]
+    ramps = yy * rng.uniform(-9, 9, (n, 1, 1)) + xx * rng.uniform(-9, 9, (n, 1, 1)) + 128
+    images = (ramps + rng.uniform(0, 8, (n, 28, 28))).clip(0, 255).astype(np.uint8)
+    return images, rng.integers(0, 10, n).astype(np.uint8)
 
 
 def export_small(repo: Path, name: str = "fmnist", version: int | None = None, seed: int = 0, **kw) -> Path:

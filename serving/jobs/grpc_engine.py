@@ -23,7 +23,7 @@ import numpy as np
 from ..client import RETRYABLE, AsyncClassifierClient, ModelInfo, connection
 from .errors import BatchError
 from .output import Output, cam_file_name
-from .report import mistakes_sheet, plot_confusion_matrix, summarize, worst_mistakes, write_summary
+from .report import mistakes_sheet, plot_confusion_matrix, summarize, unfinished, worst_mistakes, write_summary
 from .rows import Truth, error_row, prediction_rows
 from .sources import Source, open_source, resolve_labels
 
@@ -260,10 +260,7 @@ async def run_job(args: argparse.Namespace) -> int:
             print(f"warning: the servers answered with different models: {sorted(stats.model_versions)}",
                   file=sys.stderr)
         rows = output.resume()
-        left = len(source) - len({r["id"] for r in rows} & set(source.ids))
-        if left:
-            print(f"stopped with {left} of {len(source)} images still to classify; run the same command again "
-                  f"(without --stop-after) to go on", file=sys.stderr)
+        if unfinished(rows, source):
             return 0
         summary = {"input": source.description, "output": str(output.path), "model": info.name,
                    "versions": sorted(v for _, v in stats.model_versions) or [info.version],

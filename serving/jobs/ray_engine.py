@@ -26,7 +26,7 @@ import numpy as np
 from ..repository_format import BUNDLED_REPOSITORY, CONFIG_FILE, ModelSpec, list_versions, load_spec, select_versions
 from .errors import BatchError
 from .output import Output
-from .report import mistakes_sheet, plot_confusion_matrix, summarize, worst_mistakes, write_summary
+from .report import mistakes_sheet, plot_confusion_matrix, summarize, unfinished, worst_mistakes, write_summary
 from .rows import Truth, error_row, prediction_rows
 from .sources import Source, open_source, resolve_labels
 
@@ -249,10 +249,7 @@ def run_job(args: argparse.Namespace) -> int:
     finally:
         output.close()
     rows = output.resume()
-    left = len(source) - len({r["id"] for r in rows} & set(source.ids))
-    if left:
-        print(f"stopped with {left} of {len(source)} images still to classify; run the same command again "
-              f"(without --stop-after) to go on", file=sys.stderr)
+    if unfinished(rows, source):
         return 0
     summary = {"input": source.description, "output": str(output.path), "model": spec.name, "versions": [version],
                "engine": "ray", "actors": run.actors, "threads_per_actor": run.threads_per_actor,

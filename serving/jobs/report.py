@@ -49,6 +49,15 @@ def summarize(rows: list[dict], classes: list[str]) -> dict:
     return summary
 
 
+def unfinished(rows: list[dict], source: Source) -> bool:
+    """Whether some image of the input has no row yet (a partial run): then say how to go on."""
+    left = len(source) - len({r["id"] for r in rows} & set(source.ids))
+    if left:
+        print(f"stopped with {left} of {len(source)} images still to classify; run the same command again "
+              f"(without --stop-after) to go on", file=sys.stderr)
+    return bool(left)
+
+
 def plot_confusion_matrix(cm: np.ndarray, classes: list[str], path: Path, title: str = "") -> Path | None:
     try:
         from ..charts import plot_confusion_matrix as plot

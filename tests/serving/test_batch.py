@@ -16,7 +16,7 @@ from PIL import Image
 
 from serving.__main__ import main
 from serving.jobs.sources import read_idx
-from tests.conftest import LABELS, running_server
+from tests.conftest import LABELS, ramp_images, running_server
 
 N_IMAGES = 300
 
@@ -29,12 +29,7 @@ def _write_idx(path: Path, array: np.ndarray) -> Path:
 
 @pytest.fixture(scope="module")
 def dataset() -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    # Ramps of random direction: the untrained model gives several different answers to them (to noise, one).
-    yy, xx = np.mgrid[:28, :28]
-    ramps = yy * rng.uniform(-9, 9, (N_IMAGES, 1, 1)) + xx * rng.uniform(-9, 9, (N_IMAGES, 1, 1)) + 128
-    images = (ramps + rng.uniform(0, 8, (N_IMAGES, 28, 28))).clip(0, 255).astype(np.uint8)
-    return images, rng.integers(0, 10, N_IMAGES).astype(np.uint8)
+    return ramp_images(N_IMAGES, seed=0)
 
 
 @pytest.fixture(scope="module")

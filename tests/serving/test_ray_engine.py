@@ -17,18 +17,14 @@ pa = pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402
 
 from serving.__main__ import main  # noqa: E402
-from tests.conftest import LABELS  # noqa: E402
+from tests.conftest import LABELS, ramp_images  # noqa: E402
 
 N_IMAGES = 240
 
 
 @pytest.fixture(scope="module")
 def dataset() -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(3)
-    yy, xx = np.mgrid[:28, :28]
-    ramps = yy * rng.uniform(-9, 9, (N_IMAGES, 1, 1)) + xx * rng.uniform(-9, 9, (N_IMAGES, 1, 1)) + 128
-    images = (ramps + rng.uniform(0, 8, (N_IMAGES, 28, 28))).clip(0, 255).astype(np.uint8)
-    return images, rng.integers(0, 10, N_IMAGES)
+    return ramp_images(N_IMAGES, seed=3)
 
 
 def _rows(path: Path) -> dict[str, dict]:
