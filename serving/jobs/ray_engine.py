@@ -156,7 +156,7 @@ def classify(args: argparse.Namespace, source: Source, spec: ModelSpec, version:
         run = RayRun(actors=actors, threads_per_actor=threads)
         device = "cuda" if args.gpus_per_actor else "cpu"
         classified = _dataset(ray, source, todo, args.batch_size).map_batches(
-            Classifier, fn_constructor_kwargs=dict(repository=str(spec.directory.parent), model=spec.name,
+            Classifier, fn_constructor_kwargs=dict(repository=str(spec.directory.parent.resolve()), model=spec.name,
                                                    version=version, top_k=top_k, threads=threads, device=device),
             batch_size=args.batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
             num_gpus=args.gpus_per_actor or None, batch_format="numpy")
