@@ -94,11 +94,14 @@ class ModelSpec:
     def num_classes(self) -> int:
         return len(self.labels)
 
+    def output_dims(self, name: str) -> list[int]:
+        """An output's dims without the batch, as the config gives them ([] when it gives none)."""
+        return next((list(o.dims) for o in self.config.output if o.name == name), [])
+
     @property
     def logits_shape(self) -> list[int]:
         """The logits output's dims without the batch, from the config ([1] for a binary model)."""
-        dims = next((list(o.dims) for o in self.config.output if o.name == self.logits_output and o.dims), None)
-        return dims or [self.num_classes]
+        return self.output_dims(self.logits_output) or [self.num_classes]
 
 
 def class_count(logit_count: int) -> int:

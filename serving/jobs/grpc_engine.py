@@ -23,8 +23,8 @@ import numpy as np
 from ..client import RETRYABLE, AsyncClassifierClient, ModelInfo, connection
 from .errors import BatchError
 from .output import Output, cam_file_name
-from .report import mistakes_sheet, plot_confusion_matrix, summarize, unfinished, worst_mistakes, write_summary
-from .rows import Truth, error_row, prediction_rows
+from .report import finish_report, summarize, unfinished, worst_mistakes
+from .rows import Truth, error_row, positions_to_do, prediction_rows
 from .sources import Source, open_source, resolve_labels
 
 # Per-request errors worth sending again: the client's retryable ones, and a replica that is busy (a full
@@ -230,11 +230,7 @@ async def run_job(args: argparse.Namespace) -> int:
         info = await client.get_model(args.model)
         top_k = max(1, min(args.top_k, len(info.labels)))
         output = Output(args.output, top_k)
-        done = {r["id"] for r in output.resume()}
-        todo = np.flatnonzero(~np.isin(np.array(source.ids), list(done))) if done else np.arange(len(source))
-        already = len(source) - len(todo)  # ids of this input found in the output
-        if args.stop_after is not None:
-            todo = todo[:args.stop_after]
+        todo, already = positions_to_do(source, output.resume(), args.stop_after)
         truth = Truth(*resolve_labels(source.labels, info.labels))
         cam_dir = Path(args.cam_dir) if args.cam_dir else None
         if cam_dir and not info.supports_cam:
@@ -269,23 +265,14 @@ async def run_job(args: argparse.Namespace) -> int:
                    "images_per_second": round(stats.images / stats.seconds, 1) if stats.images else None}
         if stats.retired:
             summary["servers_given_up"] = stats.retired
-        base = str(output.path)
-        if "confusion_matrix" in summary:
-            png = plot_confusion_matrix(np.array(summary["confusion_matrix"]), info.labels,
-                                        Path(base + ".confusion.png"), info.name)
-            summary["confusion_png"] = str(png) if png else None
-            mistakes = worst_mistakes(rows, source, args.sheet_size)
-            pictures = await _mistake_pictures(client, source, mistakes, info.name)
-            sheet = mistakes_sheet(mistakes, pictures, Path(base + ".mistakes.png"))
-            summary["mistakes_png"] = str(sheet) if sheet else None
-        write_summary(summary, base)
+        mistakes, positions = worst_mistakes(rows, source, args.sheet_size)
+        finish_report(summary, info.labels, info.name, str(output.path), mistakes,
+                      await _mistake_pictures(client, source, positions, info.name))
     return 0
 
 
-async def _mistake_pictures(client: AsyncClassifierClient, source: Source, mistakes: list[dict], model: str) -> list:
+async def _mistake_pictures(client: AsyncClassifierClient, source: Source, positions: np.ndarray, model: str) -> list:
     """CAM overlays of the mistakes (Explain), or the inputs themselves when the model cannot explain."""
-    position = {image_id: p for p, image_id in enumerate(source.ids)}
-    positions = np.array([position[r["id"]] for r in mistakes], np.int64)
     if not len(positions):
         return []
     try:

@@ -26,8 +26,8 @@ import numpy as np
 from ..repository_format import BUNDLED_REPOSITORY, CONFIG_FILE, ModelSpec, list_versions, load_spec, select_versions
 from .errors import BatchError
 from .output import Output
-from .report import mistakes_sheet, plot_confusion_matrix, summarize, unfinished, worst_mistakes, write_summary
-from .rows import Truth, error_row, prediction_rows
+from .report import finish_report, summarize, unfinished, worst_mistakes
+from .rows import Truth, error_row, positions_to_do, prediction_rows
 from .sources import Source, open_source, resolve_labels
 
 RAY_EXTRA_HINT = "the Ray engine needs Ray: pip install 'cnn-serving[ray]'"
@@ -76,29 +76,35 @@ class Classifier:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         called_at = time.time()  # wall clock: the driver compares it with its own (one machine, or synced ones)
         from ..server.api.status import status_of
-        from ..server.inference import InferenceRequest, RawTensor
-        if "pixels" in batch:
-            images = [RawTensor(p.shape, "uint8", p.tobytes()) for p in batch["pixels"]]
-        elif "path" in batch:
-            images = [Path(p).read_bytes() for p in batch["path"]]
-        else:
-            images = [bytes(b) for b in batch["encoded"]]
+        from ..server.inference import InferenceRequest
+        column = next(batch[name] for name in ("pixels", "path", "encoded") if name in batch)
+        images = [_wire_image(item) for item in column]
         n, k = len(images), self.top_k
         top_index, top_score = np.zeros((n, k), np.int64), np.zeros((n, k), np.float32)
         status, message = np.full(n, "", object), np.full(n, "", object)
         (whole,) = self.execution.execute([InferenceRequest(images)])
         if not isinstance(whole, Exception):
             top_index[:], top_score[:] = whole.ranking[:, :k], whole.ranked_probabilities[:, :k]
-            return {"position": batch["position"], "top_index": top_index, "top_score": top_score,
-                    "error_status": status, "error_message": message, "called_at": np.full(n, called_at)}
-        for j, result in enumerate(self.execution.execute([InferenceRequest([image]) for image in images])):
-            if isinstance(result, Exception):
-                code, text = status_of(result)
-                status[j], message[j] = code.name, text
-            else:
-                top_index[j], top_score[j] = result.ranking[0, :k], result.ranked_probabilities[0, :k]
+        else:
+            for j, result in enumerate(self.execution.execute([InferenceRequest([image]) for image in images])):
+                if isinstance(result, Exception):
+                    code, text = status_of(result)
+                    status[j], message[j] = code.name, text
+                else:
+                    top_index[j], top_score[j] = result.ranking[0, :k], result.ranked_probabilities[0, :k]
         return {"position": batch["position"], "top_index": top_index, "top_score": top_score,
                 "error_status": status, "error_message": message, "called_at": np.full(n, called_at)}
+
+
+def _wire_image(stored):
+    """An input as it is stored (uint8 pixels, a file path, encoded bytes) in the form a server receives it:
+    pixels as a raw uint8 tensor, a file's bytes as an encoded image."""
+    from ..server.inference import RawTensor
+    if isinstance(stored, np.ndarray):
+        return RawTensor(stored.shape, "uint8", stored.tobytes())
+    if isinstance(stored, bytes):
+        return stored
+    return Path(stored).read_bytes()
 
 
 @dataclass
@@ -204,22 +210,22 @@ def _rows(source: Source, spec: ModelSpec, truth: Truth, batch: dict[str, np.nda
     return rows
 
 
-def _mistake_overlays(spec: ModelSpec, version: int, source: Source, mistakes: list[dict]) -> list:
+def _mistake_overlays(spec: ModelSpec, version: int, source: Source, positions: np.ndarray) -> list:
     """CAM overlays of the mistakes, computed in the driver with the same code (the inputs themselves when
     the model cannot explain)."""
     from ..server.cam import overlay_png
-    from ..server.inference import InferenceRequest, RawTensor
+    from ..server.inference import InferenceRequest
     from ..server.model import load_execution
     from ..server.preprocess import input_image_uint8
     from ..server.runtime import RuntimeOptions
-    position = {image_id: p for p, image_id in enumerate(source.ids)}
-    pictures = [source.picture(position[r["id"]]) for r in mistakes]
-    loaded = load_execution(spec, version, RuntimeOptions(device="cpu"), instances=1)
-    if loaded.cam_reason or not mistakes:
+    pictures = [source.picture(int(p)) for p in positions]
+    if not pictures:
         return pictures
-    images = [RawTensor(p.shape, "uint8", p.tobytes()) if isinstance(p, np.ndarray)
-              else p.read_bytes() if isinstance(p, Path) else p for p in pictures]
-    (result,) = loaded.execution.execute([InferenceRequest(images, cam=True, keep_inputs=True)])
+    loaded = load_execution(spec, version, RuntimeOptions(device="cpu"), instances=1)
+    if loaded.cam_reason:
+        return pictures
+    request = InferenceRequest([_wire_image(p) for p in pictures], cam=True, keep_inputs=True)
+    (result,) = loaded.execution.execute([request])
     if isinstance(result, Exception):
         return pictures
     return [overlay_png(input_image_uint8(x), heat) for x, heat in zip(result.inputs, result.cams, strict=True)]
@@ -232,11 +238,7 @@ def run_job(args: argparse.Namespace) -> int:
     spec, version = choose_model(Path(args.model_repository or BUNDLED_REPOSITORY), args.model)
     top_k = max(1, min(args.top_k, spec.num_classes))
     output = Output(args.output, top_k)
-    done = {r["id"] for r in output.resume()}
-    todo = np.flatnonzero(~np.isin(np.array(source.ids), list(done))) if done else np.arange(len(source))
-    already = len(source) - len(todo)
-    if args.stop_after is not None:
-        todo = todo[:args.stop_after]
+    todo, already = positions_to_do(source, output.resume(), args.stop_after)
     truth = Truth(*resolve_labels(source.labels, spec.labels))
     print(f"{source.description}: {len(source)} images, {already} done already, {len(todo)} to classify with "
           f"{spec.name} v{version} on Ray", file=sys.stderr)
@@ -256,13 +258,7 @@ def run_job(args: argparse.Namespace) -> int:
                **summarize(rows, spec.labels), "images_this_run": run.images, "seconds": round(run.seconds, 3),
                "startup_seconds": round(run.startup_seconds, 3),
                "images_per_second": run.images_per_second}
-    base = str(output.path)
-    if "confusion_matrix" in summary:
-        png = plot_confusion_matrix(np.array(summary["confusion_matrix"]), spec.labels, Path(base + ".confusion.png"),
-                                    spec.name)
-        summary["confusion_png"] = str(png) if png else None
-        mistakes = worst_mistakes(rows, source, args.sheet_size)
-        sheet = mistakes_sheet(mistakes, _mistake_overlays(spec, version, source, mistakes), Path(base + ".mistakes.png"))
-        summary["mistakes_png"] = str(sheet) if sheet else None
-    write_summary(summary, base)
+    mistakes, positions = worst_mistakes(rows, source, args.sheet_size)
+    finish_report(summary, spec.labels, spec.name, str(output.path), mistakes,
+                  _mistake_overlays(spec, version, source, positions))
     return 0

@@ -68,12 +68,14 @@ def plot_confusion_matrix(cm: np.ndarray, classes: list[str], path: Path, title:
     return path
 
 
-def worst_mistakes(rows: list[dict], source: Source, count: int = 16) -> list[dict]:
-    """The most confident mistakes among the rows of this input, most confident first."""
-    ids = set(source.ids)
-    mistakes = [r for r in rows if r.get("correct") is False and r["id"] in ids]
+def worst_mistakes(rows: list[dict], source: Source, count: int = 16) -> tuple[list[dict], np.ndarray]:
+    """The most confident mistakes among the rows of this input, most confident first, and their positions
+    in the input."""
+    position = {image_id: p for p, image_id in enumerate(source.ids)}
+    mistakes = [r for r in rows if r.get("correct") is False and r["id"] in position]
     mistakes.sort(key=lambda r: -r["scores"][0])
-    return mistakes[:count]
+    mistakes = mistakes[:count]
+    return mistakes, np.array([position[r["id"]] for r in mistakes], np.int64)
 
 
 def mistakes_sheet(mistakes: list[dict], pictures: list, path: Path, tile: int = 128, columns: int = 4) -> Path | None:
@@ -110,6 +112,19 @@ def _as_image(image_module, picture):
     if isinstance(picture, np.ndarray):
         return image_module.fromarray(picture[:, :, 0] if picture.ndim == 3 and picture.shape[2] == 1 else picture)
     return image_module.open(picture)
+
+
+def finish_report(summary: dict, classes: list[str], model: str, base: str, mistakes: list[dict],
+                  pictures: list) -> dict:
+    """The end of every engine's job: when the input had labels, `<base>.confusion.png` and the contact sheet
+    `<base>.mistakes.png` of `mistakes` over their `pictures`; then `<base>.summary.json`, printed too."""
+    if "confusion_matrix" in summary:
+        png = plot_confusion_matrix(np.array(summary["confusion_matrix"]), classes, Path(base + ".confusion.png"),
+                                    model)
+        summary["confusion_png"] = str(png) if png else None
+        sheet = mistakes_sheet(mistakes, pictures, Path(base + ".mistakes.png"))
+        summary["mistakes_png"] = str(sheet) if sheet else None
+    return write_summary(summary, base)
 
 
 def write_summary(summary: dict, base: str) -> dict:

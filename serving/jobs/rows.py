@@ -20,6 +20,15 @@ class Truth:
         return len(self.index) > 0
 
 
+def positions_to_do(source: Source, written: list[dict], stop_after: int | None = None) -> tuple[np.ndarray, int]:
+    """The positions of the images that have no row yet (at most `stop_after` of them), and how many of the
+    input's images have one already: what makes a job run again do only what is missing."""
+    done = {r["id"] for r in written}
+    todo = np.flatnonzero(~np.isin(np.array(source.ids), list(done))) if done else np.arange(len(source))
+    already = len(source) - len(todo)
+    return (todo if stop_after is None else todo[:stop_after]), already
+
+
 def prediction_rows(source: Source, positions: np.ndarray, labels: list[list[str]], scores: list[list[float]],
                     predicted: np.ndarray, truth: Truth) -> tuple[list[dict], np.ndarray]:
     """One row per image (its id, top-k labels and scores, its file, and whether it was right when the truth

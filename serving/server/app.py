@@ -9,13 +9,12 @@ import logging
 import signal
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ..repository_format import BatchingOptions
+from ..repository_format import BUNDLED_REPOSITORY, BatchingOptions
 from ..wire import _pool
 from ..wire.classifier.v1 import classifier_pb2, classifier_pb2_grpc
 from .access import TlsFiles, TokenCheck, check_exposure
@@ -29,13 +28,12 @@ from .runtime import RuntimeOptions
 
 log = logging.getLogger("serving.server")
 
-DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"  # the bundled one, in a checkout
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
 class ServerOptions:
-    repository: str = str(DEFAULT_REPOSITORY)
+    repository: str = str(BUNDLED_REPOSITORY)
     host: str = "127.0.0.1"
     port: int = 8001
     metrics_port: int = 0                 # 0 = no Prometheus endpoint

@@ -61,15 +61,16 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _server_options(args: argparse.Namespace):
+    from ..repository_format import BUNDLED_REPOSITORY
     from .access import ADMIN_TOKENS_ENV, INFERENCE_TOKENS_ENV, TlsFiles, read_tokens
-    from .app import DEFAULT_REPOSITORY, ServerOptions
+    from .app import ServerOptions
     from .runtime import RuntimeOptions
     overrides = {k: v for k, v in {"max_batch_size": args.max_batch_size, "max_queue_delay_us": args.max_queue_delay_us,
                                    "instances": args.instances, "max_queue_size": args.max_queue_size,
                                    "inline_budget_us": args.inline_budget_us}.items()
                  if v is not None}
     return ServerOptions(
-        repository=args.model_repository or str(DEFAULT_REPOSITORY), host=args.host, port=args.port,
+        repository=args.model_repository or str(BUNDLED_REPOSITORY), host=args.host, port=args.port,
         metrics_port=args.metrics_port,
         poll_interval_s=args.poll_interval, max_message_bytes=args.max_message_mb * 1024 * 1024,
         runtime=RuntimeOptions(device=args.device, tensorrt=args.tensorrt, trt_cache_dir=args.trt_cache_dir,

@@ -28,7 +28,6 @@ log = logging.getLogger("serving.model")
 class ModelVersion:
     spec: ModelSpec
     version: int
-    sessions: OrtSessions
     execution: BatchExecution    # what the batcher runs for each batch (usable without a batcher too)
     batcher: DynamicBatcher
     metadata: dict = field(default_factory=dict)
@@ -37,6 +36,10 @@ class ModelVersion:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def sessions(self) -> OrtSessions:
+        return self.execution.sessions
 
     @property
     def supports_cam(self) -> bool:
@@ -99,15 +102,15 @@ def load_version(spec: ModelSpec, version: int, options: RuntimeOptions | None =
                  observer: BatchObserver | None = None) -> ModelVersion:
     """The loaded version with a batcher (not yet started) in front."""
     loaded = load_execution(spec, version, options)
-    sessions, execution, b, pre = loaded.sessions, loaded.execution, spec.batching, spec.preprocessing
+    execution, b, pre = loaded.execution, spec.batching, spec.preprocessing
     batcher = DynamicBatcher(
         execution.execute, max_batch_size=b.max_batch_size, max_queue_delay_s=b.max_queue_delay_us / 1e6,
         preferred_batch_sizes=b.preferred_batch_sizes, max_queue_size=b.max_queue_size,
         priority_levels=b.priority_levels, default_priority=b.default_priority, instances=b.instances,
         combine=b.combine_requests, merge=InferenceResult.concat, observer=observer,
-        inline_max_units=_inline_units(sessions, (pre.channels, pre.height, pre.width), b),
+        inline_max_units=_inline_units(loaded.sessions, (pre.channels, pre.height, pre.width), b),
         name=f"{spec.name}:{version}")
-    return ModelVersion(spec, version, sessions, execution, batcher, loaded.metadata, loaded.cam_reason)
+    return ModelVersion(spec, version, execution, batcher, loaded.metadata, loaded.cam_reason)
 
 
 def _inline_units(sessions: OrtSessions, shape: tuple[int, ...], b: BatchingOptions) -> int:

@@ -36,8 +36,7 @@ def output_specs(mv: ModelVersion) -> list[TensorSpec]:
     spec, pre = mv.spec, mv.spec.preprocessing
     outputs = [TensorSpec(spec.logits_output, tuple(spec.logits_shape))]
     if spec.features_output:
-        dims = next((tuple(o.dims) for o in spec.config.output if o.name == spec.features_output), ())
-        outputs.append(TensorSpec(spec.features_output, dims))
+        outputs.append(TensorSpec(spec.features_output, tuple(spec.output_dims(spec.features_output))))
     outputs.append(TensorSpec(PROBABILITIES, (spec.num_classes,)))
     if mv.supports_cam:
         outputs.append(TensorSpec(CAM, (pre.height, pre.width)))
