@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a call (or a silent stream) may take")
     p.add_argument("-o", "--output", default="predictions.jsonl", help="JSONL, CSV when it ends in .csv, or a "
                    "folder of Parquet parts when it ends in .parquet; an existing output is resumed")
-    p.add_argument("--batch-size", type=int, default=64, help="images per request (gRPC) or per actor call (Ray)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per request (gRPC) or per onnxruntime run (Ray)")
     p.add_argument("--window", type=int, default=8, help="requests in flight per stream")
     p.add_argument("--top-k", type=int, default=5, help="predictions kept per image")
     p.add_argument("--cam-dir", help="write a CAM overlay PNG per image here (via Explain)")
@@ -51,16 +51,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "every node must read it (default: the bundled one, in a checkout)")
     ray.add_argument("--ray-address", default="", help="a Ray cluster to join (`auto`, or ray://host:10001); "
                      "default: a local Ray on this machine")
-    ray.add_argument("--num-actors", type=int, default=0, help="actors in the pool (default: the cluster's CPUs "
-                     "less one, which Ray Data's read tasks need)")
+    ray.add_argument("--num-actors", type=int, default=0, help="actors in the pool (default: one per "
+                     "--threads-per-actor CPUs of the cluster, or with --gpus-per-actor one per that many GPUs)")
     ray.add_argument("--gpus-per-actor", type=float, default=0, help="GPUs each actor takes (then it runs on CUDA)")
-    ray.add_argument("--threads-per-actor", type=int, default=0, help="onnxruntime threads per actor (default: "
-                     "locally the cores divided among the actors; on a cluster 1)")
+    ray.add_argument("--threads-per-actor", type=int, default=1, help="onnxruntime threads of each actor, and the "
+                     "CPUs it takes from Ray (default 1)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.window < 1:
         print("error: --batch-size and --window must be at least 1", file=sys.stderr)
+        return 2
+    if args.num_actors < 0 or args.threads_per_actor < 1 or args.gpus_per_actor < 0:
+        print("error: --num-actors must be at least 0 (0: the default), --threads-per-actor at least 1 and "
+              "--gpus-per-actor at least 0", file=sys.stderr)
         return 2
     try:
         if args.engine == "ray":

@@ -14,6 +14,7 @@ from pathlib import Path
 from .errors import BatchError
 
 PARQUET_EXTRA_HINT = "Parquet needs pyarrow: pip install 'cnn-serving[ray]'"
+_to_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # one encoder for every row
 
 
 class Output:
@@ -84,7 +85,7 @@ class Output:
             writer.writerows(_row_to_csv(r, self.columns) for r in rows)
             text = buf.getvalue()
         else:
-            text = "".join(json.dumps(r, separators=(",", ":"), ensure_ascii=False) + "\n" for r in rows)
+            text = "".join(_to_json(r) + "\n" for r in rows)
         self._file.write(text)
         self._file.flush()
 

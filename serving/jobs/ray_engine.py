@@ -31,11 +31,19 @@ from .rows import Truth, error_row, positions_to_do, prediction_rows
 from .sources import Source, open_source, resolve_labels
 
 RAY_EXTRA_HINT = "the Ray engine needs Ray: pip install 'cnn-serving[ray]'"
-# Blocks of up to 16 batches and 64 MiB: each block is one task on an actor, and a task costs Ray tens of
-# milliseconds on top of its batches (measured here: 4 batches a block reached 0.62 of in-process
-# onnxruntime, 16 reached 0.8), while a block must stay small enough to stream.
-BATCHES_PER_BLOCK = 16
+# Blocks of up to 4,096 images and 64 MiB, in whole batches: each block is one task on an actor, and a task
+# costs Ray tens of milliseconds on top of its batches, while a block must stay small enough to stream...
+MAX_BLOCK_IMAGES = 4096
 MAX_BLOCK_BYTES = 64 << 20
+# ...and a small job is cut into 3 blocks per actor. Ray Data's executor sees a finished task up to 0.1 s
+# late and keeps 2 tasks queued per actor, so blocks must last well over 0.1 s to keep an actor fed, while
+# the job ends when its slowest actor ends. On the 10,000 test images with 2 actors, 3 blocks each gave
+# 8,400-9,200 images/s, 4 gave 8,600-9,100, 6 gave 8,500-8,600, and blocks shrinking towards the end
+# (down to 256 images) 7,900-8,500.
+BLOCKS_PER_ACTOR = 3
+# How long the pool may take to start (Ray's workers, imports, each actor loading its model) before the job
+# says that the cluster cannot hold it, instead of waiting for ever for resources that will not come.
+ACTORS_START_TIMEOUT_S = 300
 
 
 def choose_model(repository: Path, model: str) -> tuple[ModelSpec, int]:
@@ -57,43 +65,55 @@ def choose_model(repository: Path, model: str) -> tuple[ModelSpec, int]:
 
 
 class Classifier:
-    """The actor: one model version, loaded once with the server's code; one call per batch of rows.
-
-    The batch goes to the execution as one request (decoded into one buffer, run once). When an image in
-    it cannot be decoded, the batch is sent again image by image, as the gRPC engine resends a failed
-    request, so that image fails alone with the status name the server would answer.
+    """The actor: one model version, loaded once with the server's code; one call per block of rows, run
+    through the execution in batches of the job's batch size (each a request decoded into one buffer and run
+    once). Taking the block whole saves Ray Data's slicing and conversions per batch, which cost about a
+    millisecond each here. When an image of a batch cannot be decoded, the batch is sent again image by
+    image, as the gRPC engine resends a failed request, so that image fails alone with the status name the
+    server would answer.
     """
 
-    def __init__(self, repository: str, model: str, version: int, top_k: int, threads: int, device: str):
+    def __init__(self, repository: str, model: str, version: int, top_k: int, threads: int, device: str,
+                 batch_size: int):
         from ..server.model import load_execution
         from ..server.runtime import RuntimeOptions
         spec = load_spec(Path(repository) / model)
         # Spinning threads: an actor does nothing but run batches back to back (a server shares its cores).
         options = RuntimeOptions(device=device, intra_op_threads=threads, spin_wait=True)
-        self.execution = load_execution(spec, version, options, instances=1).execution
-        self.top_k = top_k
+        # Warmed up (on a GPU: buffers and CUDA graphs made) for the job's batch size, not the config's max
+        # (the server's batcher bound): here the first run of 256 images unwarmed took 0.1-0.3 s, the next 0.06 s.
+        self.execution = load_execution(spec, version, options, instances=1, max_batch_size=batch_size).execution
+        self.top_k, self.batch_size = top_k, batch_size
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         called_at = time.time()  # wall clock: the driver compares it with its own (one machine, or synced ones)
+        column = next(block[name] for name in ("pixels", "path", "encoded") if name in block)
+        n, k = len(column), self.top_k
+        out = {"position": block["position"], "top_index": np.zeros((n, k), np.int64),
+               "top_score": np.zeros((n, k), np.float32), "error_status": np.full(n, "", object),
+               "error_message": np.full(n, "", object), "called_at": np.full(n, called_at)}
+        for start in range(0, n, self.batch_size):
+            rows = slice(start, min(start + self.batch_size, n))
+            self._classify([_wire_image(item) for item in column[rows]], *(out[name][rows] for name in (
+                "top_index", "top_score", "error_status", "error_message")))
+        return out
+
+    def _classify(self, images: list, top_index: np.ndarray, top_score: np.ndarray, status: np.ndarray,
+                  message: np.ndarray) -> None:
+        """One batch into its rows of the block's outputs (views)."""
         from ..server.api.status import status_of
         from ..server.inference import InferenceRequest
-        column = next(batch[name] for name in ("pixels", "path", "encoded") if name in batch)
-        images = [_wire_image(item) for item in column]
-        n, k = len(images), self.top_k
-        top_index, top_score = np.zeros((n, k), np.int64), np.zeros((n, k), np.float32)
-        status, message = np.full(n, "", object), np.full(n, "", object)
+        k = self.top_k
         (whole,) = self.execution.execute([InferenceRequest(images)])
         if not isinstance(whole, Exception):
             top_index[:], top_score[:] = whole.ranking[:, :k], whole.ranked_probabilities[:, :k]
-        else:
-            for j, result in enumerate(self.execution.execute([InferenceRequest([image]) for image in images])):
-                if isinstance(result, Exception):
-                    code, text = status_of(result)
-                    status[j], message[j] = code.name, text
-                else:
-                    top_index[j], top_score[j] = result.ranking[0, :k], result.ranked_probabilities[0, :k]
-        return {"position": batch["position"], "top_index": top_index, "top_score": top_score,
-                "error_status": status, "error_message": message, "called_at": np.full(n, called_at)}
+            return
+        for j, result in enumerate(self.execution.execute([InferenceRequest([image]) for image in images])):
+            if isinstance(result, Exception):
+                code, text = status_of(result)
+                status[j], message[j] = code.name, text
+            else:
+                top_index[j], top_score[j] = result.ranking[0, :k], result.ranked_probabilities[0, :k]
 
 
 def _wire_image(stored):
@@ -120,15 +140,21 @@ class RayRun:
         return round(self.images / self.seconds, 1) if self.seconds > 0 else None
 
 
-def _dataset(ray, source: Source, todo: np.ndarray, batch_size: int):
-    """The images to classify as a Ray Dataset of several blocks: positions, and the pixels, file paths or
-    encoded bytes of each."""
+def block_size(source: Source, images: int, batch_size: int, actors: int) -> int:
+    """Images per block: whole batches (at least one), at most MAX_BLOCK_IMAGES and MAX_BLOCK_BYTES of pixels,
+    and at most a 1/(BLOCKS_PER_ACTOR x actors) share of the job."""
+    limit = min(MAX_BLOCK_IMAGES, -(-images // (actors * BLOCKS_PER_ACTOR)))
+    if source.pixels is not None:
+        limit = min(limit, MAX_BLOCK_BYTES // max(1, int(np.prod(source.pixels.shape[1:]))))
+    return max(1, limit // batch_size) * batch_size
+
+
+def _dataset(ray, source: Source, todo: np.ndarray, block: int):
+    """The images to classify as a Ray Dataset of blocks of `block` images: positions, and the pixels, file
+    paths or encoded bytes of each. The driver lists every input here, so the actor pool is the plan's only
+    operator that needs CPUs (there are no read tasks) and may take all of them."""
     import pyarrow as pa
     from ray.data.extensions import ArrowTensorArray
-    block = batch_size * BATCHES_PER_BLOCK
-    if source.pixels is not None:  # in whole batches, at most MAX_BLOCK_BYTES of pixels
-        per_batch = max(1, batch_size * int(np.prod(source.pixels.shape[1:])))
-        block = batch_size * max(1, min(BATCHES_PER_BLOCK, MAX_BLOCK_BYTES // per_batch))
     tables = []
     for start in range(0, len(todo), block):
         positions = todo[start:start + block]
@@ -150,24 +176,24 @@ def classify(args: argparse.Namespace, source: Source, spec: ModelSpec, version:
     except ImportError:
         raise BatchError(RAY_EXTRA_HINT) from None
     started_at = time.time()
-    local = not args.ray_address
-    _start_ray(ray, args.ray_address, os.cpu_count() if local else None)
+    _start_ray(ray, args.ray_address, None if args.ray_address else os.cpu_count())
     try:
-        ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts rows written
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # its plan and timing lines, at every run
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        # One CPU stays free for Ray Data's read tasks: a pool that takes every CPU deadlocks them.
-        actors = args.num_actors or max(1, cpus - 1)
-        threads = args.threads_per_actor or max(1, (os.cpu_count() or 1) // actors if local else 1)
+        _configure_ray_data(ray)
+        threads = args.threads_per_actor
+        actors = pool_size(ray.cluster_resources(), args.num_actors, threads, args.gpus_per_actor)
+        if not args.ray_address:  # a local node never grows: a pool it cannot hold fails now, not after a wait
+            _check_fits(ray.cluster_resources(), actors, threads, args.gpus_per_actor)
         run = RayRun(actors=actors, threads_per_actor=threads)
         device = "cuda" if args.gpus_per_actor else "cpu"
-        classified = _dataset(ray, source, todo, args.batch_size).map_batches(
+        block = block_size(source, len(todo), args.batch_size, actors)
+        classified = _dataset(ray, source, todo, block).map_batches(
             Classifier, fn_constructor_kwargs=dict(repository=str(spec.directory.parent.resolve()), model=spec.name,
-                                                   version=version, top_k=top_k, threads=threads, device=device),
-            batch_size=args.batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
+                                                   version=version, top_k=top_k, threads=threads, device=device,
+                                                   batch_size=args.batch_size),
+            batch_size=None, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=threads,
             num_gpus=args.gpus_per_actor or None, batch_format="numpy")
         first_call = None
-        for batch in classified.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in _batches_of(ray, classified, actors, threads, args.gpus_per_actor):
             called = float(batch["called_at"].min())
             first_call = called if first_call is None else min(first_call, called)
             rows = _rows(source, spec, truth, batch)
@@ -180,6 +206,66 @@ def classify(args: argparse.Namespace, source: Source, spec: ModelSpec, version:
         return run
     finally:
         ray.shutdown()
+
+
+def _configure_ray_data(ray) -> None:
+    """Ray Data's settings for this plan, and its own actors started before the pool's first block."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # ours counts rows written
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its plan and timing lines, at every run
+    # The pool starts whole before the first block goes out, so that no actor still loading its model leaves
+    # the others the job's start (and a pool the cluster cannot hold fails, naming what it asked).
+    context.wait_for_min_actors_s = ACTORS_START_TIMEOUT_S
+    # No object-store budget: the inputs are in the object store before the job starts and the outputs are a
+    # few hundred bytes per image, so it would protect nothing, while a new execution's budget is zero until
+    # Ray Data's autoscaling coordinator first answers (both actors stood idle for a third of a
+    # 10,000-image job here). Its other backpressure policies stay.
+    try:
+        from ray.data._internal.execution import backpressure_policy as policies
+        kept = [p for p in policies.ENABLED_BACKPRESSURE_POLICIES if p.__name__ != "ResourceBudgetBackpressurePolicy"]
+        context.set_config(policies.ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY, kept)
+    except (ImportError, AttributeError):  # another Ray's layout: its defaults, slower to start
+        pass
+    # Ray Data starts its own actors (statistics, autoscaling coordination) with a driver's first dataset,
+    # each a new worker process costing about a CPU-second: a one-row dataset starts them now, so that they
+    # do not take the pool's cores while it classifies (it halved a 10,000-image job's rate on 2 cores).
+    ray.data.range(1).materialize()
+
+
+def pool_size(resources: dict, actors: int, threads: int, gpus_per_actor: float) -> int:
+    """Actors in the pool: those asked for, or by default an actor per `threads` CPUs of the cluster (one
+    onnxruntime thread each by default: on these 2 cores, 2 actors of 1 thread classified 7,700 images/s where
+    1 actor of 2 threads did 6,900, since a single-threaded run never waits for a sibling thread that another
+    process delayed), or with GPUs an actor per `gpus_per_actor` of the cluster's GPUs."""
+    if not actors:
+        gpus = resources.get("GPU", 0)
+        actors = int(gpus // gpus_per_actor) if gpus_per_actor else int(resources.get("CPU", 1)) // threads
+    return max(1, actors)
+
+
+def _pool_text(actors: int, threads: int, gpus_per_actor: float) -> str:
+    return f"{actors} actor(s) of {threads} CPU(s)" + (f" and {gpus_per_actor:g} GPU(s)" if gpus_per_actor else "")
+
+
+def _has(resources: dict) -> str:
+    return f"it has {resources.get('CPU', 0):g} CPU(s) and {resources.get('GPU', 0):g} GPU(s)"
+
+
+def _check_fits(resources: dict, actors: int, threads: int, gpus_per_actor: float) -> None:
+    if actors * threads > resources.get("CPU", 0) or actors * gpus_per_actor > resources.get("GPU", 0):
+        raise BatchError(f"this machine's Ray cannot hold {_pool_text(actors, threads, gpus_per_actor)} "
+                         f"({_has(resources)}); ask for fewer with --num-actors or --threads-per-actor")
+
+
+def _batches_of(ray, classified, actors: int, threads: int, gpus_per_actor: float):
+    """The classified batches as they come back; a pool that does not start in time is a BatchError that says
+    what it asked for."""
+    try:
+        yield from classified.iter_batches(batch_size=None, batch_format="numpy")
+    except ray.exceptions.GetTimeoutError:
+        raise BatchError(f"the Ray cluster did not start {_pool_text(actors, threads, gpus_per_actor)} within "
+                         f"{ACTORS_START_TIMEOUT_S} s ({_has(ray.cluster_resources())}); ask for fewer with "
+                         "--num-actors") from None
 
 
 def _start_ray(ray, address: str, cpus: int | None, attempts: int = 3) -> None:
@@ -201,9 +287,8 @@ def _start_ray(ray, address: str, cpus: int | None, attempts: int = 3) -> None:
 def _rows(source: Source, spec: ModelSpec, truth: Truth, batch: dict[str, np.ndarray]) -> list[dict]:
     ok = batch["error_status"] == ""
     positions = batch["position"][ok]
-    labels = [[spec.labels[i] for i in row] for row in batch["top_index"][ok].tolist()]
-    rows, _ = prediction_rows(source, positions, labels, batch["top_score"][ok].tolist(),
-                              batch["top_index"][ok, 0], truth)
+    labels = np.asarray(spec.labels, object)[batch["top_index"][ok]].tolist()
+    rows, _ = prediction_rows(source, positions, labels, batch["top_score"][ok], batch["top_index"][ok, 0], truth)
     for position, status, message in zip(batch["position"][~ok].tolist(), batch["error_status"][~ok].tolist(),
                                          batch["error_message"][~ok].tolist(), strict=True):
         rows.append(error_row(source, position, status, message))

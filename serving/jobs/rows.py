@@ -29,12 +29,15 @@ def positions_to_do(source: Source, written: list[dict], stop_after: int | None 
     return (todo if stop_after is None else todo[:stop_after]), already
 
 
-def prediction_rows(source: Source, positions: np.ndarray, labels: list[list[str]], scores: list[list[float]],
+def prediction_rows(source: Source, positions: np.ndarray, labels: list[list[str]], scores: np.ndarray | list,
                     predicted: np.ndarray, truth: Truth) -> tuple[list[dict], np.ndarray]:
     """One row per image (its id, top-k labels and scores, its file, and whether it was right when the truth
     is known), and which images were mistakes."""
-    rows = [with_file(source, {"id": source.ids[pos], "labels": top, "scores": [round(s, 6) for s in ranked]}, pos)
-            for pos, top, ranked in zip(positions.tolist(), labels, scores, strict=True)]
+    # Scores to 6 decimals in one vectorised step (a whole number of millionths divided once gives the double
+    # that prints as those decimals): a third of the rows' cost when rounded one by one.
+    rounded = np.round(np.asarray(scores, np.float64), 6).tolist()
+    rows = [with_file(source, {"id": source.ids[pos], "labels": top, "scores": ranked}, pos)
+            for pos, top, ranked in zip(positions.tolist(), labels, rounded, strict=True)]
     mistake = np.zeros(len(rows), bool)
     if truth.known:
         names = truth.names[positions]

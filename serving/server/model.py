@@ -78,9 +78,10 @@ class LoadedVersion:
 
 
 def load_execution(spec: ModelSpec, version: int, options: RuntimeOptions | None = None,
-                   instances: int | None = None) -> LoadedVersion:
+                   instances: int | None = None, max_batch_size: int | None = None) -> LoadedVersion:
     """Create sessions (one per instance, the config's count unless given), read CAM weights and
-    metadata, check the graph against the config, and warm up."""
+    metadata, check the graph against the config, and warm up for batches up to the config's
+    max_batch_size (or the given one, for a caller that forms its own batches)."""
     vdir = spec.directory / str(version)
     outputs = [spec.logits_output] + ([spec.features_output] if spec.features_output else [])
     b = spec.batching
@@ -94,7 +95,7 @@ def load_execution(spec: ModelSpec, version: int, options: RuntimeOptions | None
         cam_reason = ""
     elif not cam_reason:
         cam_reason = "the repository has no CAM weights for this version"
-    sessions.warm_up((pre.channels, pre.height, pre.width), b.max_batch_size)
+    sessions.warm_up((pre.channels, pre.height, pre.width), max_batch_size or b.max_batch_size)
     return LoadedVersion(BatchExecution(spec, sessions, cam_weights), metadata, cam_reason)
 
 

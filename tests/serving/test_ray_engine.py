@@ -1,11 +1,13 @@
-"""`python -m serving batch --engine ray` on a local Ray (a pool smaller than the CPU count): the same rows as
-the gRPC engine against the real server, row by row; exactly once across an interruption; Parquet in and
-out, with an image that cannot be decoded failing alone as it does through the server."""
+"""`python -m serving batch --engine ray` on a local Ray: the same rows as the gRPC engine against the real
+server, row by row; exactly once across an interruption (one actor, then the default pool of an actor per
+CPU); Parquet in and out, with an image that cannot be decoded failing alone as it does through the server;
+a pool the machine cannot hold refused with the reason; and how the pool and its blocks are sized."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,8 @@ pa = pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402
 
 from serving.__main__ import main  # noqa: E402
+from serving.jobs import ray_engine  # noqa: E402
+from serving.jobs.sources import Source  # noqa: E402
 from tests.conftest import LABELS, ramp_images  # noqa: E402
 
 N_IMAGES = 240
@@ -38,8 +42,8 @@ def _rows(path: Path) -> dict[str, dict]:
     return by_id
 
 
-def _ray(*args) -> int:
-    return main(["batch", "--engine", "ray", "--num-actors", "1", "--no-progress", *map(str, args)])
+def _ray(*args, actors: int = 1) -> int:
+    return main(["batch", "--engine", "ray", "--num-actors", str(actors), "--no-progress", *map(str, args)])
 
 
 def test_ray_rows_equal_served_rows_and_resume_exactly_once(server, small_repo, dataset, tmp_path):
@@ -53,7 +57,7 @@ def test_ray_rows_equal_served_rows_and_resume_exactly_once(server, small_repo, 
     common = [tmp_path / "set.npz", "--model-repository", small_repo, "-o", out, "--batch-size", 32]
     assert _ray(*common, "--stop-after", 100) == 0
     assert len(_rows(out)) == 100 and not Path(f"{out}.summary.json").exists()
-    assert _ray(*common) == 0  # the interrupted job, run again, does only what is missing
+    assert _ray(*common, actors=0) == 0  # the interrupted job, run again (default pool), does only what is missing
     ray_rows, served_rows = _rows(out), _rows(served)
     assert len(ray_rows) == N_IMAGES
     assert ray_rows == served_rows  # ids, top-k labels, scores, true labels: the server's own answers
@@ -87,3 +91,34 @@ def test_parquet_in_and_out_with_a_broken_image(server, small_repo, dataset, tmp
     ray_rows, served_rows = _rows(out), _rows(served)
     assert ray_rows == served_rows and len(ray_rows) == 30
     assert ray_rows["img-7"]["error"].startswith("INVALID_ARGUMENT: cannot decode image")
+
+
+def test_a_pool_the_machine_cannot_hold_is_refused_with_the_reason(small_repo, dataset, tmp_path, capsys):
+    images, labels = dataset
+    np.savez(tmp_path / "set.npz", images=images, labels=labels)
+    too_many = (os.cpu_count() or 1) + 1
+    assert _ray(tmp_path / "set.npz", "--model-repository", small_repo, "-o", tmp_path / "out.jsonl",
+                actors=too_many) == 1
+    err = capsys.readouterr().err
+    assert f"cannot hold {too_many} actor(s) of 1 CPU(s)" in err and "--num-actors" in err
+    assert main(["batch", "--engine", "ray", "--threads-per-actor", "0", str(tmp_path / "set.npz")]) == 2
+
+
+def test_pool_size_by_default_an_actor_per_cpu_or_per_gpu_share():
+    assert ray_engine.pool_size({"CPU": 4.0}, 0, 1, 0) == 4
+    assert ray_engine.pool_size({"CPU": 4.0}, 0, 2, 0) == 2
+    assert ray_engine.pool_size({"CPU": 1.0}, 0, 2, 0) == 1  # never an empty pool
+    assert ray_engine.pool_size({"CPU": 16.0, "GPU": 2.0}, 0, 1, 1) == 2
+    assert ray_engine.pool_size({"CPU": 16.0, "GPU": 1.0}, 0, 1, 0.5) == 2
+    assert ray_engine.pool_size({"CPU": 16.0}, 3, 1, 0) == 3  # asked for: as asked
+
+
+def test_blocks_are_whole_batches_a_share_of_the_job_and_bounded():
+    pixels = Source("set", [], pixels=np.zeros((1, 28, 28), np.uint8))
+    assert ray_engine.block_size(pixels, 10_000, 64, 2) == 1664  # 3 blocks per actor, in whole batches
+    assert ray_engine.block_size(pixels, 60_000, 64, 2) == ray_engine.MAX_BLOCK_IMAGES
+    assert ray_engine.block_size(pixels, 10, 64, 2) == 64  # at least one batch
+    big = Source("set", [], pixels=np.zeros((1, 2048, 2048, 3), np.uint8))  # 12 MiB an image
+    assert ray_engine.block_size(big, 10_000, 2, 2) == 4  # at most 64 MiB of pixels, in whole batches
+    files = Source("set", [], files=[Path("a.png")])
+    assert ray_engine.block_size(files, 100_000, 64, 2) == ray_engine.MAX_BLOCK_IMAGES
