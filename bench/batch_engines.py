@@ -3,11 +3,12 @@
     python bench/batch_engines.py --data-dir /usr/share/datasets/fashion-mnist --out bench/results/cpu_batch_engines.md
 
 Rows: onnxruntime in this process at its best batch size and thread layout (the model alone, float input
-ready: the ceiling);
-the gRPC engine (`python -m serving batch` streaming to a local server with the bundled model); the Ray
-engine (`--engine ray`, a local Ray). Each engine's images/s is its own summary's: from its first request
-(gRPC) or its first actor call (Ray) to its last row written, so start-up (the server's, Ray's and the actors') is
-excluded; the Ray start-up is stated apart. Predictions of the two engines are compared row by row.
+ready: the ceiling); the gRPC engine (`python -m serving batch` streaming to a local server with the bundled
+model); the Ray engine (`--engine ray`, a local Ray). Each engine's images/s is its own summary's: from its
+first request (gRPC) or its first actor call (Ray) to its last row written, so start-up (the server's, Ray's
+and the actors') is excluded; the Ray start-up is stated apart. Each row is run `--repeats` times, the rows
+in turn, and the table gives the median and every run. Predictions of the two engines are compared row by
+row.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,11 +38,11 @@ FILES = {"test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
          "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")}
 
 
-def in_process(model_file: Path, images: np.ndarray, batches: list[int]) -> tuple[float, str]:
-    """Images/s of onnxruntime over the whole set at its best batch size and layout (the median of three
-    passes after a warm-up run), and that configuration: one session with a thread per core, or a session
-    of one thread per core, each running its share of the set in a thread of its own (the Ray pool's shape;
-    onnxruntime releases the GIL), whichever is faster."""
+def in_process(model_file: Path, images: np.ndarray, batches: list[int]) -> tuple[Callable[[], float], str]:
+    """onnxruntime over the whole set at its best batch size and layout: a function measuring its images/s
+    (the median of three passes), and that configuration. The layouts: one session with a thread per core, or
+    a session of one thread per core, each running its share of the set in a thread of its own (the Ray
+    pool's shape; onnxruntime releases the GIL)."""
     import onnxruntime as ort
     cores = os.cpu_count() or 1
 
@@ -57,25 +59,23 @@ def in_process(model_file: Path, images: np.ndarray, batches: list[int]) -> tupl
             s.run(["logits"], {"input": part[i:i + n]})
 
     def pooled(n: int) -> None:
-        parts = np.array_split(x, cores)
         with ThreadPoolExecutor(cores) as pool:
-            list(pool.map(run, singles, parts, [n] * cores))
+            list(pool.map(run, singles, np.array_split(x, cores), [n] * cores))
 
-    layouts = {f"one session of {cores} threads": lambda n: run(whole, x, n),
-               f"{cores} sessions of 1 thread": pooled}
-    best = (0.0, "")
-    for name, layout in layouts.items():
+    def rate(layout: Callable[[int], None], n: int) -> float:
+        rates = []
+        for _ in range(3):  # the median of three passes: one pass is about a second on a shared machine
+            started = time.perf_counter()
+            layout(n)
+            rates.append(len(x) / (time.perf_counter() - started))
+        return float(np.median(rates))
+
+    for s in [whole, *singles]:  # warm-up runs
         for n in batches:
-            run(whole, x[:n], n)
-            for s in singles:
-                run(s, x[:n], n)
-            rates = []
-            for _ in range(3):  # the median of three passes: one pass is about a second on a shared machine
-                started = time.perf_counter()
-                layout(n)
-                rates.append(len(x) / (time.perf_counter() - started))
-            best = max(best, (float(np.median(rates)), f"batch {n}, {name}"))
-    return best
+            run(s, x[:n], n)
+    layouts = {f"one session of {cores} threads": lambda n: run(whole, x, n), f"{cores} sessions of 1 thread": pooled}
+    _, name, n = max((rate(layout, n), name, n) for name, layout in layouts.items() for n in batches)
+    return (lambda: rate(layouts[name], n)), f"batch {n}, {name}"
 
 
 def run_job(args: list[str], output: Path) -> dict:
@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", required=True, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--split", choices=list(FILES), default="test", help="the 10,000 test or the 60,000 train images")
     p.add_argument("--repository", default=str(ROOT / "model_repository"))
-    p.add_argument("--batch-size", type=int, default=64, help="images per request (gRPC) or onnxruntime run (Ray): the jobs' default")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per request (gRPC) or onnxruntime run (Ray); 64 is the jobs' default")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each row, in turn; the table gives the median")
     p.add_argument("--out", help="also write the table here")
     args = p.parse_args(argv)
     data = Path(args.data_dir)
@@ -101,31 +103,39 @@ def main(argv: list[str] | None = None) -> int:
     images = read_idx(images_file)
     model_file = next(Path(args.repository).glob("*/1/model.onnx"))
 
-    ceiling, best = in_process(model_file, images, [64, 256, 1024])
+    measure_ceiling, best = in_process(model_file, images, [64, 256, 1024])
+    ceilings, summaries = [], {"grpc": [], "ray": []}
     with tempfile.TemporaryDirectory() as tmp:
         server, address = start_process(["-m", "serving", "serve", "--model-repository", args.repository, "--port",
                                          "0", "--log-level", "WARNING", "--max-batch-size", str(args.batch_size)])
         try:
-            grpc_summary = run_job([*idx, "--server", address, "--batch-size", str(args.batch_size)],
-                                   Path(tmp) / "grpc.jsonl")
+            for r in range(args.repeats):  # in turn, so that a slower spell of the machine falls on every row
+                ceilings.append(measure_ceiling())
+                summaries["grpc"].append(run_job([*idx, "--server", address, "--batch-size", str(args.batch_size)],
+                                                 Path(tmp) / f"grpc{r}.jsonl"))
+                summaries["ray"].append(run_job([*idx, "--engine", "ray", "--model-repository", args.repository,
+                                                 "--batch-size", str(args.batch_size)], Path(tmp) / f"ray{r}.jsonl"))
         finally:
             stop_process(server)
-        ray_summary = run_job([*idx, "--engine", "ray", "--model-repository", args.repository, "--batch-size",
-                               str(args.batch_size)], Path(tmp) / "ray.jsonl")
-        grpc_rows = {r["id"]: r for r in map(json.loads, (Path(tmp) / "grpc.jsonl").read_text().splitlines())}
-        ray_rows = {r["id"]: r for r in map(json.loads, (Path(tmp) / "ray.jsonl").read_text().splitlines())}
+        grpc_rows = {r["id"]: r for r in map(json.loads, (Path(tmp) / "grpc0.jsonl").read_text().splitlines())}
+        ray_rows = {r["id"]: r for r in map(json.loads, (Path(tmp) / "ray0.jsonl").read_text().splitlines())}
     same = sum(grpc_rows[i] == ray_rows.get(i) for i in grpc_rows)
-    rows = [("onnxruntime in process", ceiling, f"{best}, the model alone", None),
-            ("gRPC engine (one local server)", grpc_summary["images_per_second"],
-             f"accuracy {100 * grpc_summary['accuracy']:.2f}%", None),
-            ("Ray engine (local Ray)", ray_summary["images_per_second"],
-             f"accuracy {100 * ray_summary['accuracy']:.2f}%, {ray_summary['actors']} actor(s) x "
-             f"{ray_summary['threads_per_actor']} threads", ray_summary["startup_seconds"])]
-    lines = ["| engine | images/s | of in-process | start-up s (excluded) | notes |", "|---|---:|---:|---:|---|"]
-    lines += [f"| {name} | {rate:,.0f} | {rate / ceiling:.2f} | {'' if start is None else f'{start:.1f}'} | {note} |"
-              for name, rate, note, start in rows]
-    lines.append(f"\n{len(images):,} {args.split} images; rows identical between the two engines: {same:,} of "
-                 f"{len(grpc_rows):,}")
+    ceiling = float(np.median(ceilings))
+    grpc, ray = summaries["grpc"][0], summaries["ray"][0]
+    rows = [("onnxruntime in process", ceilings, f"{best}, the model alone", None),
+            ("gRPC engine (one local server)", [s["images_per_second"] for s in summaries["grpc"]],
+             f"accuracy {100 * grpc['accuracy']:.2f}%", None),
+            ("Ray engine (local Ray)", [s["images_per_second"] for s in summaries["ray"]],
+             f"accuracy {100 * ray['accuracy']:.2f}%, {ray['actors']} actor(s) x {ray['threads_per_actor']} thread(s)",
+             float(np.median([s["startup_seconds"] for s in summaries["ray"]])))]
+    lines = ["| engine | images/s (median) | of in-process | runs | start-up s (excluded) | notes |",
+             "|---|---:|---:|---|---:|---|"]
+    for name, rates, note, start in rows:
+        rate = float(np.median(rates))
+        lines.append(f"| {name} | {rate:,.0f} | {rate / ceiling:.2f} | {', '.join(f'{r:,.0f}' for r in rates)} | "
+                     f"{'' if start is None else f'{start:.1f}'} | {note} |")
+    lines.append(f"\n{len(images):,} {args.split} images, {args.repeats} runs of each row in turn; rows identical "
+                 f"between the two engines: {same:,} of {len(grpc_rows):,}")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
