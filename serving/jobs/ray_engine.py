@@ -93,27 +93,25 @@ class Classifier:
                "top_score": np.zeros((n, k), np.float32), "error_status": np.full(n, "", object),
                "error_message": np.full(n, "", object), "called_at": np.full(n, called_at)}
         for start in range(0, n, self.batch_size):
-            rows = slice(start, min(start + self.batch_size, n))
-            self._classify([_wire_image(item) for item in column[rows]], *(out[name][rows] for name in (
-                "top_index", "top_score", "error_status", "error_message")))
+            self._classify(column, start, min(start + self.batch_size, n), out)
         return out
 
-    def _classify(self, images: list, top_index: np.ndarray, top_score: np.ndarray, status: np.ndarray,
-                  message: np.ndarray) -> None:
-        """One batch into its rows of the block's outputs (views)."""
+    def _classify(self, column: np.ndarray, start: int, stop: int, out: dict[str, np.ndarray]) -> None:
+        """The batch of rows [start, stop) of a block into the same rows of its outputs."""
         from ..server.api.status import status_of
         from ..server.inference import InferenceRequest
-        k = self.top_k
+        k, images = self.top_k, [_wire_image(item) for item in column[start:stop]]
         (whole,) = self.execution.execute([InferenceRequest(images)])
         if not isinstance(whole, Exception):
-            top_index[:], top_score[:] = whole.ranking[:, :k], whole.ranked_probabilities[:, :k]
+            out["top_index"][start:stop], out["top_score"][start:stop] = (whole.ranking[:, :k],
+                                                                          whole.ranked_probabilities[:, :k])
             return
-        for j, result in enumerate(self.execution.execute([InferenceRequest([image]) for image in images])):
+        for row, result in enumerate(self.execution.execute([InferenceRequest([image]) for image in images]), start):
             if isinstance(result, Exception):
                 code, text = status_of(result)
-                status[j], message[j] = code.name, text
+                out["error_status"][row], out["error_message"][row] = code.name, text
             else:
-                top_index[j], top_score[j] = result.ranking[0, :k], result.ranked_probabilities[0, :k]
+                out["top_index"][row], out["top_score"][row] = result.ranking[0, :k], result.ranked_probabilities[0, :k]
 
 
 def _wire_image(stored):
@@ -179,10 +177,10 @@ def classify(args: argparse.Namespace, source: Source, spec: ModelSpec, version:
     _start_ray(ray, args.ray_address, None if args.ray_address else os.cpu_count())
     try:
         _configure_ray_data(ray)
-        threads = args.threads_per_actor
-        actors = pool_size(ray.cluster_resources(), args.num_actors, threads, args.gpus_per_actor)
+        threads, resources = args.threads_per_actor, ray.cluster_resources()
+        actors = pool_size(resources, args.num_actors, threads, args.gpus_per_actor)
         if not args.ray_address:  # a local node never grows: a pool it cannot hold fails now, not after a wait
-            _check_fits(ray.cluster_resources(), actors, threads, args.gpus_per_actor)
+            _check_fits(resources, actors, threads, args.gpus_per_actor)
         run = RayRun(actors=actors, threads_per_actor=threads)
         device = "cuda" if args.gpus_per_actor else "cpu"
         block = block_size(source, len(todo), args.batch_size, actors)
