@@ -100,18 +100,30 @@ class Classifier:
         """The batch of rows [start, stop) of a block into the same rows of its outputs."""
         from ..server.api.status import status_of
         from ..server.inference import InferenceRequest
-        k, images = self.top_k, [_wire_image(item) for item in column[start:stop]]
+        k, images = self.top_k, self._model_inputs(column, start, stop)
         (whole,) = self.execution.execute([InferenceRequest(images)])
         if not isinstance(whole, Exception):
             out["top_index"][start:stop], out["top_score"][start:stop] = (whole.ranking[:, :k],
                                                                           whole.ranked_probabilities[:, :k])
             return
-        for row, result in enumerate(self.execution.execute([InferenceRequest([image]) for image in images]), start):
+        requests = [InferenceRequest(images[i:i + 1]) for i in range(len(images))]
+        for row, result in enumerate(self.execution.execute(requests), start):
             if isinstance(result, Exception):
                 code, text = status_of(result)
                 out["error_status"][row], out["error_message"][row] = code.name, text
             else:
                 out["top_index"][row], out["top_score"][row] = result.ranking[0, :k], result.ranked_probabilities[0, :k]
+
+    def _model_inputs(self, column: np.ndarray, start: int, stop: int) -> np.ndarray | list:
+        """Rows [start, stop) of a block as the execution takes them: pixels already at the model size as one
+        model-input array, converted by the server's preprocessing in one step (the wire form would cost a
+        tensor and a copy per image); anything else (file paths, encoded bytes, pixels to resize) as the
+        images a server receives, decoded by the execution."""
+        from ..server.preprocess import pixels_at_model_size, pixels_to_model_input
+        pre = self.execution.spec.preprocessing
+        if column.dtype == np.uint8 and pixels_at_model_size(column.shape[1:], pre):
+            return pixels_to_model_input(column[start:stop], pre)
+        return [_wire_image(item) for item in column[start:stop]]
 
 
 def _wire_image(stored):

@@ -73,7 +73,7 @@ def worst_mistakes(rows: list[dict], source: Source, count: int = 16) -> tuple[l
     in the input."""
     position = {image_id: p for p, image_id in enumerate(source.ids)}
     mistakes = [r for r in rows if r.get("correct") is False and r["id"] in position]
-    mistakes.sort(key=lambda r: -r["scores"][0])
+    mistakes.sort(key=lambda r: -(r["scores"][0] or 0))  # a score of null (NaN) last
     mistakes = mistakes[:count]
     return mistakes, np.array([position[r["id"]] for r in mistakes], np.int64)
 

@@ -36,8 +36,11 @@ def prediction_rows(source: Source, positions: np.ndarray, labels: list[list[str
     # Scores to 6 decimals in one vectorised step (a whole number of millionths divided once gives the double
     # that prints as those decimals): a third of the rows' cost when rounded one by one.
     rounded = np.round(np.asarray(scores, np.float64), 6).tolist()
-    rows = [with_file(source, {"id": source.ids[pos], "labels": top, "scores": ranked}, pos)
-            for pos, top, ranked in zip(positions.tolist(), labels, rounded, strict=True)]
+    ids, at = source.ids, positions.tolist()
+    rows = [{"id": ids[pos], "labels": top, "scores": ranked} for pos, top, ranked in zip(at, labels, rounded, strict=True)]
+    if source.files is not None:
+        for row, pos in zip(rows, at, strict=True):
+            row["file"] = str(source.files[pos])
     mistake = np.zeros(len(rows), bool)
     if truth.known:
         names = truth.names[positions]

@@ -83,10 +83,7 @@ def to_model_input(images: list[WireImage | np.ndarray], pre: Preprocessing,
     if _all_pixels_at_model_size(images, pre):
         # The common wire form (uint8 pixels already at the model size): one join and one vectorised
         # conversion for the whole batch instead of a Python loop over images.
-        pixels = np.frombuffer(b"".join(t.data for t in images), np.uint8)
-        pixels = pixels.reshape(len(images), pre.height, pre.width, pre.channels)
-        np.multiply(pixels.transpose(0, 3, 1, 2), np.float32(1 / 255), out=out, dtype=np.float32)
-        return out
+        return pixels_to_model_input(np.frombuffer(b"".join(t.data for t in images), np.uint8), pre, out)
     pixels = np.empty((len(images), pre.height, pre.width, pre.channels), np.uint8)
     is_pixels = np.zeros(len(images), bool)
     for i, item in enumerate(images):
@@ -107,16 +104,30 @@ def to_model_input(images: list[WireImage | np.ndarray], pre: Preprocessing,
             out[i] = arr
     if is_pixels.any():
         # One vectorised conversion for all decoded images: HWC uint8 -> CHW float in [0, 1].
-        out[is_pixels] = pixels[is_pixels].transpose(0, 3, 1, 2) * np.float32(1 / 255)
+        out[is_pixels] = pixels_to_model_input(pixels[is_pixels], pre)
     return out
 
 
+def pixels_to_model_input(pixels: np.ndarray, pre: Preprocessing, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 pixels of images at the model size ([N, H, W], [N, H, W, C], or flat) -> float32 [N, C, H, W] in
+    [0, 1], in one vectorised step (into `out` if given)."""
+    pixels = pixels.reshape(-1, pre.height, pre.width, pre.channels)
+    if out is None:
+        out = np.empty((len(pixels), pre.channels, pre.height, pre.width), np.float32)
+    np.multiply(pixels.transpose(0, 3, 1, 2), np.float32(1 / 255), out=out, dtype=np.float32)
+    return out
+
+
+def pixels_at_model_size(shape: tuple[int, ...], pre: Preprocessing) -> bool:
+    """Whether uint8 pixels of this shape ([H, W] or [H, W, C]) are at the model size, needing no resize."""
+    return tuple(shape) == (pre.height, pre.width, pre.channels) or (
+        tuple(shape) == (pre.height, pre.width) and pre.channels == 1)
+
+
 def _all_pixels_at_model_size(images: list, pre: Preprocessing) -> bool:
-    hw, hwc = (pre.height, pre.width), (pre.height, pre.width, pre.channels)
     n = pre.height * pre.width * pre.channels
-    return bool(images) and all(
-        type(t) is RawTensor and t.dtype == "uint8" and (t.shape == hwc or (t.shape == hw and pre.channels == 1))
-        and len(t.data) == n for t in images)
+    return bool(images) and all(type(t) is RawTensor and t.dtype == "uint8" and len(t.data) == n for t in images) \
+        and all(pixels_at_model_size(shape, pre) for shape in {t.shape for t in images})
 
 
 def input_image_uint8(x: np.ndarray) -> np.ndarray:

@@ -156,3 +156,23 @@ def test_round_robin_over_two_servers_and_a_dead_one(small_repo, idx_pair, tmp_p
         assert sorted(int(r["id"]) for r in _rows(out)) == list(range(N_IMAGES))
         summary = json.loads(Path(f"{out}.summary.json").read_text())
         assert "127.0.0.1:1" in summary["servers_given_up"][0] and "accuracy" not in summary
+
+
+def test_a_nan_score_is_written_as_null_and_read_back_for_the_report(tmp_path):
+    """A model whose logits are not finite gives NaN scores: the row is still valid JSON, and resuming and
+    ranking the mistakes take it."""
+    from serving.jobs.output import Output
+    from serving.jobs.report import worst_mistakes
+    from serving.jobs.sources import Source
+    rows = [{"id": "0", "labels": ["Coat", "Bag"], "scores": [float("nan"), 0.25], "true_label": "Bag",
+             "correct": False},
+            {"id": "1", "labels": ["Bag", "Coat"], "scores": [0.75, 0.25], "true_label": "Coat", "correct": False}]
+    output = Output(tmp_path / "out.jsonl", top_k=2)
+    output.open()
+    output.append(rows)
+    output.close()
+    assert [json.loads(line)["scores"] for line in (tmp_path / "out.jsonl").read_text().splitlines()] == [
+        [None, 0.25], [0.75, 0.25]]
+    written = Output(tmp_path / "out.jsonl", top_k=2).resume()
+    mistakes, positions = worst_mistakes(written, Source("test", ["0", "1"], pixels=np.zeros((2, 28, 28), np.uint8)))
+    assert [m["id"] for m in mistakes] == ["1", "0"] and positions.tolist() == [1, 0]

@@ -1,7 +1,8 @@
 """`python -m serving batch --engine ray` on a local Ray: the same rows as the gRPC engine against the real
 server, row by row; exactly once across an interruption (one actor, then the default pool of an actor per
 CPU); Parquet in and out, with an image that cannot be decoded failing alone as it does through the server;
-a pool the machine cannot hold refused with the reason; and how the pool and its blocks are sized."""
+a pool the machine cannot hold refused with the reason; pixels at the model size taken whole and others
+resized; and how the pool and its blocks are sized."""
 
 from __future__ import annotations
 
@@ -102,6 +103,24 @@ def test_a_pool_the_machine_cannot_hold_is_refused_with_the_reason(small_repo, d
     err = capsys.readouterr().err
     assert f"cannot hold {too_many} actor(s) of 1 CPU(s)" in err and "--num-actors" in err
     assert main(["batch", "--engine", "ray", "--threads-per-actor", "0", str(tmp_path / "set.npz")]) == 2
+
+
+def test_an_actor_takes_pixels_at_the_model_size_whole_and_resizes_others_as_a_server_does(small_repo, dataset):
+    from serving.server.preprocess import to_model_input
+    images, _ = dataset
+    spec, version = ray_engine.choose_model(Path(small_repo), "")
+    actor = ray_engine.Classifier(str(Path(small_repo).resolve()), spec.name, version, top_k=3, threads=1,
+                                  device="cpu", batch_size=16)
+    wire = [ray_engine._wire_image(image) for image in images[:16]]
+    ready = actor._model_inputs(images, 0, 16)  # one array, without a tensor per image
+    assert isinstance(ready, np.ndarray)
+    np.testing.assert_array_equal(ready, to_model_input(wire, spec.preprocessing))
+
+    doubled = np.repeat(np.repeat(images[:20], 2, axis=1), 2, axis=2)  # 56x56: resized, image by image
+    assert isinstance(actor._model_inputs(doubled, 0, 20), list)
+    out = actor({"position": np.arange(20), "pixels": doubled})
+    assert (out["error_status"] == "").all() and out["top_index"].shape == (20, 3)
+    assert (out["top_score"][:, 0] >= out["top_score"][:, 1]).all()
 
 
 def test_pool_size_by_default_an_actor_per_cpu_or_per_gpu_share():
