@@ -6,9 +6,10 @@ Rows: onnxruntime in this process at its best batch size and thread layout (the 
 ready: the ceiling); the gRPC engine (`python -m serving batch` streaming to a local server with the bundled
 model); the Ray engine (`--engine ray`, a local Ray). Each engine's images/s is its own summary's: from its
 first request (gRPC) or its first actor call (Ray) to its last row written, so start-up (the server's, Ray's
-and the actors') is excluded; the Ray start-up is stated apart. Each row is run `--repeats` times, the rows
-in turn, and the table gives the median and every run. Predictions of the two engines are compared row by
-row.
+and the actors') is excluded; the Ray start-up is stated apart. Each engine is run `--repeats` times, in
+turn, and each run is compared with the in-process passes just before and after it; the table gives the
+medians and every run, and how much CPU the machine's host took back meanwhile. Predictions of the two
+engines are compared row by row.
 """
 
 from __future__ import annotations
@@ -78,6 +79,16 @@ def in_process(model_file: Path, images: np.ndarray, batches: list[int]) -> tupl
     return (lambda: rate(layouts[name], n)), f"batch {n}, {name}"
 
 
+def stolen_cpu_seconds() -> float:
+    """CPU time this virtual machine's host has taken from it so far (the steal column of /proc/stat; 0 where
+    there is none)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def run_job(args: list[str], output: Path) -> dict:
     done = subprocess.run([sys.executable, "-m", "serving", "batch", *args, "-o", str(output), "--no-progress"],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -104,38 +115,48 @@ def main(argv: list[str] | None = None) -> int:
     model_file = next(Path(args.repository).glob("*/1/model.onnx"))
 
     measure_ceiling, best = in_process(model_file, images, [64, 256, 1024])
-    ceilings, summaries = [], {"grpc": [], "ray": []}
+    # The in-process pass is measured before and after every job, and each job's ratio is against the mean of
+    # the two: this machine's speed drifts within seconds (its host takes CPU back), and a job compared with
+    # passes minutes away from it would carry that drift into its ratio.
+    ceilings, summaries, ratios = [measure_ceiling()], {"grpc": [], "ray": []}, {"grpc": [], "ray": []}
+    stolen_before = stolen_cpu_seconds()
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         server, address = start_process(["-m", "serving", "serve", "--model-repository", args.repository, "--port",
                                          "0", "--log-level", "WARNING", "--max-batch-size", str(args.batch_size)])
+        jobs = {"grpc": ["--server", address], "ray": ["--engine", "ray", "--model-repository", args.repository]}
         try:
             for r in range(args.repeats):  # in turn, so that a slower spell of the machine falls on every row
-                ceilings.append(measure_ceiling())
-                summaries["grpc"].append(run_job([*idx, "--server", address, "--batch-size", str(args.batch_size)],
-                                                 Path(tmp) / f"grpc{r}.jsonl"))
-                summaries["ray"].append(run_job([*idx, "--engine", "ray", "--model-repository", args.repository,
-                                                 "--batch-size", str(args.batch_size)], Path(tmp) / f"ray{r}.jsonl"))
+                for engine, options in jobs.items():
+                    summary = run_job([*idx, *options, "--batch-size", str(args.batch_size)],
+                                      Path(tmp) / f"{engine}{r}.jsonl")
+                    ceilings.append(measure_ceiling())
+                    summaries[engine].append(summary)
+                    ratios[engine].append(summary["images_per_second"] / np.mean(ceilings[-2:]))
         finally:
             stop_process(server)
         grpc_rows = {r["id"]: r for r in map(json.loads, (Path(tmp) / "grpc0.jsonl").read_text().splitlines())}
         ray_rows = {r["id"]: r for r in map(json.loads, (Path(tmp) / "ray0.jsonl").read_text().splitlines())}
+    elapsed, stolen = time.perf_counter() - started, stolen_cpu_seconds() - stolen_before
     same = sum(grpc_rows[i] == ray_rows.get(i) for i in grpc_rows)
-    ceiling = float(np.median(ceilings))
     grpc, ray = summaries["grpc"][0], summaries["ray"][0]
-    rows = [("onnxruntime in process", ceilings, f"{best}, the model alone", None),
-            ("gRPC engine (one local server)", [s["images_per_second"] for s in summaries["grpc"]],
+    rows = [("onnxruntime in process", ceilings, None, f"{best}, the model alone", None),
+            ("gRPC engine (one local server)", [s["images_per_second"] for s in summaries["grpc"]], ratios["grpc"],
              f"accuracy {100 * grpc['accuracy']:.2f}%", None),
-            ("Ray engine (local Ray)", [s["images_per_second"] for s in summaries["ray"]],
+            ("Ray engine (local Ray)", [s["images_per_second"] for s in summaries["ray"]], ratios["ray"],
              f"accuracy {100 * ray['accuracy']:.2f}%, {ray['actors']} actor(s) x {ray['threads_per_actor']} thread(s)",
              float(np.median([s["startup_seconds"] for s in summaries["ray"]])))]
-    lines = ["| engine | images/s (median) | of in-process | runs | start-up s (excluded) | notes |",
-             "|---|---:|---:|---|---:|---|"]
-    for name, rates, note, start in rows:
-        rate = float(np.median(rates))
-        lines.append(f"| {name} | {rate:,.0f} | {rate / ceiling:.2f} | {', '.join(f'{r:,.0f}' for r in rates)} | "
+    lines = ["| engine | images/s (median) | of in-process (median) | runs | ratios | start-up s (excluded) | notes |",
+             "|---|---:|---:|---|---|---:|---|"]
+    for name, rates, against, note, start in rows:
+        ratio = 1.0 if against is None else float(np.median(against))
+        lines.append(f"| {name} | {np.median(rates):,.0f} | {ratio:.2f} | {', '.join(f'{r:,.0f}' for r in rates)} | "
+                     f"{'' if against is None else ', '.join(f'{x:.2f}' for x in against)} | "
                      f"{'' if start is None else f'{start:.1f}'} | {note} |")
-    lines.append(f"\n{len(images):,} {args.split} images, {args.repeats} runs of each row in turn; rows identical "
-                 f"between the two engines: {same:,} of {len(grpc_rows):,}")
+    lines.append(f"\n{len(images):,} {args.split} images, {args.repeats} runs of each engine in turn, each against the mean "
+                 f"of the in-process passes just before and after it; rows identical between the two engines: "
+                 f"{same:,} of {len(grpc_rows):,}. CPU taken back by this machine's host during the jobs: "
+                 f"{stolen:.1f} s of {elapsed * (os.cpu_count() or 1):.0f} s.")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
