@@ -32,14 +32,16 @@ from .sources import Source, open_source, resolve_labels
 
 RAY_EXTRA_HINT = "the Ray engine needs Ray: pip install 'cnn-serving[ray]'"
 # Blocks of up to 4,096 images and 64 MiB, in whole batches: each block is one task on an actor, and a task
-# costs Ray tens of milliseconds on top of its batches, while a block must stay small enough to stream...
+# costs its actor about 10 ms of Ray Data on top of its batches, while a block must stay small enough to stream...
 MAX_BLOCK_IMAGES = 4096
 MAX_BLOCK_BYTES = 64 << 20
-# ...and a small job is cut into 3 blocks per actor. Ray Data's executor sees a finished task up to 0.1 s
-# late and keeps 2 tasks queued per actor, so blocks must last well over 0.1 s to keep an actor fed, while
-# the job ends when its slowest actor ends. On the 10,000 test images with 2 actors, 3 blocks each gave
-# 8,400-9,200 images/s, 4 gave 8,600-9,100, 6 gave 8,500-8,600, and blocks shrinking towards the end
-# (down to 256 images) 7,900-8,500.
+# ...and a small job is cut into 3 blocks per actor. Ray Data keeps 2 tasks queued per actor, so each actor
+# has its next block at hand, and between two blocks an actor waits about 10 ms for Ray Data (the result
+# stored, the next block fetched); the job ends when its slowest actor ends, and the cores of this machine
+# do not run at one speed (one actor took 1.22 s for what the other did in 1.0), so more blocks share the
+# work more evenly. On the 10,000 test images with 2 actors, 8 runs of each in turn: 3 blocks each gave a
+# median of 9,100 images/s (7,100-9,700), 2 gave 8,900 (8,100-9,900); earlier, 4 gave 8,600-9,100, 6 gave
+# 8,500-8,600, 1 gave 7,600-8,100, and blocks shrinking towards the end 7,900-8,500.
 BLOCKS_PER_ACTOR = 3
 # How long the pool may take to start (Ray's workers, imports, each actor loading its model) before the job
 # says that the cluster cannot hold it, instead of waiting for ever for resources that will not come.
@@ -94,6 +96,10 @@ class Classifier:
                "error_message": np.full(n, "", object), "called_at": np.full(n, called_at)}
         for start in range(0, n, self.batch_size):
             self._classify(column, start, min(start + self.batch_size, n), out)
+        # Text columns as numpy strings, not Python objects: Ray Data stores them as Arrow in one step, where
+        # object columns cost it 3 us an image (8 ms a block of 2,496, in the gap between two blocks).
+        for name in ("error_status", "error_message"):
+            out[name] = out[name].astype(str)
         return out
 
     def _classify(self, column: np.ndarray, start: int, stop: int, out: dict[str, np.ndarray]) -> None:
@@ -159,15 +165,24 @@ def block_size(source: Source, images: int, batch_size: int, actors: int) -> int
     return max(1, limit // batch_size) * batch_size
 
 
-def _dataset(ray, source: Source, todo: np.ndarray, block: int):
-    """The images to classify as a Ray Dataset of blocks of `block` images: positions, and the pixels, file
-    paths or encoded bytes of each. The driver lists every input here, so the actor pool is the plan's only
-    operator that needs CPUs (there are no read tasks) and may take all of them."""
+def block_bounds(images: int, block: int, batch_size: int) -> list[tuple[int, int]]:
+    """[start, stop) of each block: `block` images each, the last also taking a remainder shorter than a batch
+    (as a block of its own, those few images would cost the actor that runs them a wait for Ray Data)."""
+    starts = list(range(0, images, block))
+    if len(starts) > 1 and images - starts[-1] < batch_size:
+        starts.pop()
+    return list(zip(starts, [*starts[1:], images]))
+
+
+def _dataset(ray, source: Source, todo: np.ndarray, block: int, batch_size: int):
+    """The images to classify as a Ray Dataset of blocks of about `block` images: positions, and the pixels,
+    file paths or encoded bytes of each. The driver lists every input here, so the actor pool is the plan's
+    only operator that needs CPUs (there are no read tasks) and may take all of them."""
     import pyarrow as pa
     from ray.data.extensions import ArrowTensorArray
     tables = []
-    for start in range(0, len(todo), block):
-        positions = todo[start:start + block]
+    for start, stop in block_bounds(len(todo), block, batch_size):
+        positions = todo[start:stop]
         columns: dict = {"position": pa.array(positions, pa.int64())}
         if source.pixels is not None:
             columns["pixels"] = ArrowTensorArray.from_numpy(np.ascontiguousarray(source.pixels[positions]))
@@ -196,7 +211,7 @@ def classify(args: argparse.Namespace, source: Source, spec: ModelSpec, version:
         run = RayRun(actors=actors, threads_per_actor=threads)
         device = "cuda" if args.gpus_per_actor else "cpu"
         block = block_size(source, len(todo), args.batch_size, actors)
-        classified = _dataset(ray, source, todo, block).map_batches(
+        classified = _dataset(ray, source, todo, block, args.batch_size).map_batches(
             Classifier, fn_constructor_kwargs=dict(repository=str(spec.directory.parent.resolve()), model=spec.name,
                                                    version=version, top_k=top_k, threads=threads, device=device,
                                                    batch_size=args.batch_size),

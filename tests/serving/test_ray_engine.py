@@ -141,3 +141,8 @@ def test_blocks_are_whole_batches_a_share_of_the_job_and_bounded():
     assert ray_engine.block_size(big, 10_000, 2, 2) == 4  # at most 64 MiB of pixels, in whole batches
     files = Source("set", [], files=[Path("a.png")])
     assert ray_engine.block_size(files, 100_000, 64, 2) == ray_engine.MAX_BLOCK_IMAGES
+    # A remainder shorter than a batch joins the last block; a longer one is a block of its own.
+    assert ray_engine.block_bounds(10_000, 1664, 64)[-2:] == [(6656, 8320), (8320, 10_000)]  # 6 blocks, not 7
+    assert len(ray_engine.block_bounds(10_000, 1664, 64)) == 6
+    assert ray_engine.block_bounds(10_200, 1664, 64)[-2:] == [(8320, 9984), (9984, 10_200)]
+    assert ray_engine.block_bounds(10, 64, 64) == [(0, 10)]
