@@ -79,6 +79,24 @@ def in_process(model_file: Path, images: np.ndarray, batches: list[int]) -> tupl
     return (lambda: rate(layouts[name], n)), f"batch {n}, {name}"
 
 
+def wait_until_idle(timeout_s: float = 15.0, idle_share: float = 0.9) -> None:
+    """Wait until the machine's CPUs are at least `idle_share` idle over half a second (a job's processes,
+    Ray's above all, may still be exiting when it returns), at most `timeout_s`: an in-process pass sharing
+    the cores with them would lower the ceiling the next job is compared with."""
+    def idle_and_total() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return fields[3] + fields[4], sum(fields)
+    if not Path("/proc/stat").exists():
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        idle0, total0 = idle_and_total()
+        time.sleep(0.5)
+        idle1, total1 = idle_and_total()
+        if total1 > total0 and (idle1 - idle0) / (total1 - total0) >= idle_share:
+            return
+
+
 def stolen_cpu_seconds() -> float:
     """CPU time this virtual machine's host has taken from it so far (the steal column of /proc/stat; 0 where
     there is none)."""
@@ -130,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 for engine, options in jobs.items():
                     summary = run_job([*idx, *options, "--batch-size", str(args.batch_size)],
                                       Path(tmp) / f"{engine}{r}.jsonl")
+                    wait_until_idle()
                     ceilings.append(measure_ceiling())
                     summaries[engine].append(summary)
                     ratios[engine].append(summary["images_per_second"] / np.mean(ceilings[-2:]))
