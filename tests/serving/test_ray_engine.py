@@ -132,17 +132,22 @@ def test_pool_size_by_default_an_actor_per_cpu_or_per_gpu_share():
     assert ray_engine.pool_size({"CPU": 16.0}, 3, 1, 0) == 3  # asked for: as asked
 
 
-def test_blocks_are_whole_batches_a_share_of_the_job_and_bounded():
+def test_blocks_are_whole_batches_bounded_and_even_over_the_actors():
+    def sizes(source, images, batch_size, actors):
+        bounds = ray_engine.block_bounds(source, images, batch_size, actors)
+        assert bounds[0][0] == 0 and bounds[-1][1] == images  # every image once, in order
+        assert all(stop == start for (_, stop), (start, _) in zip(bounds, bounds[1:]))
+        assert all(start % batch_size == 0 for start, _ in bounds)  # whole batches
+        return [stop - start for start, stop in bounds]
+
     pixels = Source("set", [], pixels=np.zeros((1, 28, 28), np.uint8))
-    assert ray_engine.block_size(pixels, 10_000, 64, 2) == 1664  # 3 blocks per actor, in whole batches
-    assert ray_engine.block_size(pixels, 60_000, 64, 2) == ray_engine.MAX_BLOCK_IMAGES
-    assert ray_engine.block_size(pixels, 10, 64, 2) == 64  # at least one batch
+    small = sizes(pixels, 10_000, 64, 2)
+    assert len(small) == 2 * ray_engine.BLOCKS_PER_ACTOR and max(small) - min(small) < 2 * 64  # a batch apart, the last short
+    large = sizes(pixels, 60_000, 64, 2)  # 15 blocks would fit MAX_BLOCK_IMAGES; 16 share it over 2 actors
+    assert len(large) == 16 and max(large) <= ray_engine.MAX_BLOCK_IMAGES and max(large) - min(large) < 2 * 64
+    assert sizes(pixels, 10, 64, 2) == [10]  # one batch: one block
+    assert len(sizes(pixels, 1000, 64, 3)) == 9
     big = Source("set", [], pixels=np.zeros((1, 2048, 2048, 3), np.uint8))  # 12 MiB an image
-    assert ray_engine.block_size(big, 10_000, 2, 2) == 4  # at most 64 MiB of pixels, in whole batches
+    assert max(sizes(big, 1000, 2, 2)) == 4  # at most 64 MiB of pixels, in whole batches
     files = Source("set", [], files=[Path("a.png")])
-    assert ray_engine.block_size(files, 100_000, 64, 2) == ray_engine.MAX_BLOCK_IMAGES
-    # A remainder shorter than a batch joins the last block; a longer one is a block of its own.
-    assert ray_engine.block_bounds(10_000, 1664, 64)[-2:] == [(6656, 8320), (8320, 10_000)]  # 6 blocks, not 7
-    assert len(ray_engine.block_bounds(10_000, 1664, 64)) == 6
-    assert ray_engine.block_bounds(10_200, 1664, 64)[-2:] == [(8320, 9984), (9984, 10_200)]
-    assert ray_engine.block_bounds(10, 64, 64) == [(0, 10)]
+    assert max(sizes(files, 100_000, 64, 2)) <= ray_engine.MAX_BLOCK_IMAGES
