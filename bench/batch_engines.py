@@ -79,32 +79,32 @@ def in_process(model_file: Path, images: np.ndarray, batches: list[int]) -> tupl
     return (lambda: rate(layouts[name], n)), f"batch {n}, {name}"
 
 
+def machine_cpu_ticks() -> list[int]:
+    """The machine's CPU time so far, in clock ticks, by kind (user, nice, system, idle, iowait, irq, softirq,
+    steal, ...: the first line of Linux's /proc/stat); [] where there is none."""
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return []
+
+
 def wait_until_idle(timeout_s: float = 15.0, idle_share: float = 0.9) -> None:
     """Wait until the machine's CPUs are at least `idle_share` idle over half a second (a job's processes,
     Ray's above all, may still be exiting when it returns), at most `timeout_s`: an in-process pass sharing
     the cores with them would lower the ceiling the next job is compared with."""
-    def idle_and_total() -> tuple[int, int]:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return fields[3] + fields[4], sum(fields)
-    if not Path("/proc/stat").exists():
-        return
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        idle0, total0 = idle_and_total()
+    while machine_cpu_ticks() and time.monotonic() < deadline:
+        before = machine_cpu_ticks()
         time.sleep(0.5)
-        idle1, total1 = idle_and_total()
-        if total1 > total0 and (idle1 - idle0) / (total1 - total0) >= idle_share:
+        spent = [b - a for a, b in zip(before, machine_cpu_ticks())]
+        if sum(spent) > 0 and (spent[3] + spent[4]) / sum(spent) >= idle_share:  # idle and iowait
             return
 
 
 def stolen_cpu_seconds() -> float:
-    """CPU time this virtual machine's host has taken from it so far (the steal column of /proc/stat; 0 where
-    there is none)."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
+    """CPU time this virtual machine's host has taken from it so far (the steal column; 0 where there is none)."""
+    ticks = machine_cpu_ticks()
+    return ticks[7] / os.sysconf("SC_CLK_TCK") if len(ticks) > 7 else 0.0
 
 
 def run_job(args: list[str], output: Path) -> dict:

@@ -38,9 +38,9 @@ def prediction_rows(source: Source, positions: np.ndarray, labels: list[list[str
     rounded = np.round(np.asarray(scores, np.float64), 6).tolist()
     ids, at = source.ids, positions.tolist()
     rows = [{"id": ids[pos], "labels": top, "scores": ranked} for pos, top, ranked in zip(at, labels, rounded, strict=True)]
-    if source.files is not None:
+    if source.files is not None:  # checked once here, not in a call per row: most inputs have no files
         for row, pos in zip(rows, at, strict=True):
-            row["file"] = str(source.files[pos])
+            with_file(source, row, pos)
     mistake = np.zeros(len(rows), bool)
     if truth.known:
         names = truth.names[positions]

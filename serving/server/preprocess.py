@@ -67,7 +67,7 @@ def _pixels_to_array(arr: np.ndarray, pre: Preprocessing) -> np.ndarray:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
         raise InvalidInput(f"uint8 tensor shape {list(arr.shape)} is not [H, W] or [H, W, C] with C in 1, 3, 4")
-    if arr.shape[:2] == (pre.height, pre.width) and arr.shape[2] == pre.channels:
+    if pixels_at_model_size(arr.shape, pre):
         return arr
     mode = {1: "L", 3: "RGB", 4: "RGBA"}[arr.shape[2]]
     return _pil_to_array(Image.fromarray(np.ascontiguousarray(arr[:, :, 0] if mode == "L" else arr), mode), pre)
