@@ -5,6 +5,7 @@ in `tensors.py`, statistics in `statistics.py`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import metadata as package_metadata
 
 import grpc
@@ -52,18 +53,17 @@ async def _unimplemented(context: grpc.aio.ServicerContext, what: str, instead: 
 
 
 class KServeService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: ModelRepository):
+    def __init__(self, repository: ModelRepository, readiness: Callable[[], tuple[bool, str]] | None = None):
         self.repo = repository
+        # The server's readiness (strict by default), the same answer grpc.health.v1 gives.
+        self.readiness = readiness or repository.readiness
 
     # -- health ----------------------------------------------------------------------------------------------
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        # Ready when some model serves, or the repository is empty (nothing to wait for). The service is
-        # registered only after the repository has loaded, so a caller never sees "ready" before that.
-        ready = bool(self.repo.all_ready()) or not self.repo.model_names()
-        return pb.ServerReadyResponse(ready=ready)
+        return pb.ServerReadyResponse(ready=self.readiness()[0])
 
     @status_on_error
     async def ModelReady(self, request, context):
@@ -195,7 +195,8 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         await _unimplemented(context, "changing log settings", "start the server with --log-level")
 
 
-def register(grpc_server: grpc.aio.Server, repository: ModelRepository) -> KServeService:
-    service = KServeService(repository)
+def register(grpc_server: grpc.aio.Server, repository: ModelRepository,
+             readiness: Callable[[], tuple[bool, str]] | None = None) -> KServeService:
+    service = KServeService(repository, readiness)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, grpc_server)
     return service

@@ -29,12 +29,18 @@ _NUMERIC = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "UINT8": np.dtype(
 _TYPED_FIELD = {"FP32": "fp32_contents", "UINT8": "uint_contents", "BYTES": "bytes_contents"}
 
 
+MAX_INT_DIGITS = 18
+
+
 def parse_version(version: str) -> int:
     """Triton versions are strings; empty means the one the version policy serves (the newest ready)."""
     if not version:
         return 0
-    if not (version.isascii() and version.isdigit()):  # isdigit alone takes "²", which int() refuses
-        raise InvalidInput(f"model version {version!r} is not a non-negative integer")
+    # At most 18 digits: a version is an int64, and int() refuses strings of over 4,300 digits with a
+    # ValueError that would otherwise surface as INTERNAL.
+    if len(version) > MAX_INT_DIGITS or not (version.isascii() and version.isdigit()):  # isdigit alone takes "²"
+        shown = repr(version) if len(version) <= MAX_INT_DIGITS else f"of {len(version)} characters"
+        raise InvalidInput(f"model version {shown} is not a non-negative integer of at most {MAX_INT_DIGITS} digits")
     return int(version)
 
 
@@ -47,8 +53,9 @@ def int_param(params, key: str) -> int | None:
         return int(getattr(p, kind))
     if kind == "double_param" and float(p.double_param).is_integer():
         return int(p.double_param)
-    if kind == "string_param" and p.string_param.isascii() and p.string_param.lstrip("-").isdigit():
-        return int(p.string_param)
+    text = p.string_param
+    if kind == "string_param" and len(text) <= MAX_INT_DIGITS + 1 and text.isascii() and text.lstrip("-").isdigit():
+        return int(text)
     raise InvalidInput(f"parameter {key!r} must be an integer, got {kind or 'nothing'}")
 
 
