@@ -24,7 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..repository_format import BUNDLED_REPOSITORY, CONFIG_FILE, ModelSpec, list_versions, load_spec, select_versions
+from ..repository_format import (
+    BUNDLED_REPOSITORY,
+    CONFIG_FILE,
+    ConfigError,
+    ModelSpec,
+    list_versions,
+    load_spec,
+    select_versions,
+)
 from .errors import BatchError
 from .output import Output, WrittenWith
 from .report import finish_report, summarize, unfinished, worst_mistakes
@@ -60,7 +68,10 @@ def choose_model(repository: Path, model: str) -> tuple[ModelSpec, int]:
         model = names[0]
     if model not in names:
         raise BatchError(f"model {model!r} is not in {repository} (models: {', '.join(names) or 'none'})")
-    spec = load_spec(repository / model)
+    try:
+        spec = load_spec(repository / model)
+    except ConfigError as e:  # what the server would report for the model, as one line
+        raise BatchError(str(e)) from None
     versions = select_versions(spec.config, list_versions(spec.directory))
     if not versions:
         raise BatchError(f"model {model!r} has no version directory with a model file in {repository}")
