@@ -26,7 +26,7 @@ from ..repository_format import (
     load_spec,
     select_versions,
 )
-from .errors import InvalidInput, ModelNotFound, ModelNotReady
+from .errors import InvalidInput, ModelNotFound, ModelNotReady, shown
 from .model import ModelVersion, load_version
 from .runtime import RuntimeOptions
 
@@ -81,13 +81,13 @@ class ModelRepository:
         if not versions:
             if name not in self.model_names():
                 known = ", ".join(self.model_names()) or "none"
-                raise ModelNotFound(f"model {name!r} is not in the repository (models: {known})")
+                raise ModelNotFound(f"model {shown(name)} is not in the repository (models: {known})")
             reason = self._model_errors.get(name) or "; ".join(
                 f"version {s.version}: {s.state} {s.reason}".strip() for s in self.statuses(name)) or "not loaded"
-            raise ModelNotReady(f"model {name!r} has no ready version ({reason})")
+            raise ModelNotReady(f"model {shown(name)} has no ready version ({reason})")
         if version:
             if version not in versions:
-                raise ModelNotFound(f"model {name!r} has no ready version {version} "
+                raise ModelNotFound(f"model {shown(name)} has no ready version {version} "
                                     f"(ready: {', '.join(map(str, sorted(versions)))})")
             return versions[version]
         return versions[max(versions)]
@@ -128,7 +128,7 @@ class ModelRepository:
     async def unload(self, name: str) -> None:
         async with self._lock:
             if name not in self._ready and name not in self.model_names():
-                raise ModelNotFound(f"model {name!r} is not in the repository")
+                raise ModelNotFound(f"model {shown(name)} is not in the repository")
             self._unloaded_by_request.add(name)
             for version in list(self._ready.get(name, {})):
                 await self._retire(name, version, "unloaded by request")
