@@ -281,3 +281,30 @@ def test_a_version_swapped_in_mid_job_stops_it_before_the_rows_mix(idx_pair, tmp
         assert "NOT_FOUND" in err and "the output holds fmnist v1's rows" in err and "--fresh" in err
         assert 20 <= len(_rows(out)) < N_IMAGES
         assert _batch(*job) == 2  # resuming with the version served now is refused, as another model would be
+
+
+def test_a_parquet_output_records_its_model_and_fresh_removes_only_the_jobs_files(tmp_path, capsys):
+    """The record and --fresh work alike for the Parquet folder: its part files go, anything else put in the
+    folder stays."""
+    pytest.importorskip("pyarrow")
+    from serving.jobs.errors import OutputOfAnotherModel
+    from serving.jobs.output import Output, WrittenWith
+    path = tmp_path / "preds.parquet"
+    first, second = WrittenWith("fmnist", 1), WrittenWith("fmnist", 2)
+    output = Output(path, top_k=2)
+    assert output.begin(first) == []
+    output.open()
+    output.append([{"id": "0", "labels": ["a", "b"], "scores": [0.75, 0.25]}])
+    output.close()
+    (path / "README.txt").write_text("not the job's")
+    Path(f"{path}.summary.json").write_text("{}")
+
+    assert [r["id"] for r in Output(path, top_k=2).begin(first)] == ["0"]  # the same version resumes
+    with pytest.raises(OutputOfAnotherModel, match="written with fmnist v1, not fmnist v2") as refused:
+        Output(path, top_k=2).begin(second)
+    assert refused.value.exit_code == 2 and len(list(path.glob("part-*.parquet"))) == 1
+
+    assert Output(path, top_k=2).begin(second, fresh=True) == []
+    assert not list(path.glob("part-*.parquet")) and (path / "README.txt").exists()
+    assert not Path(f"{path}.summary.json").exists()
+    assert Output(path, top_k=2).recorded() == second

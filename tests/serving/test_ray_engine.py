@@ -109,7 +109,8 @@ def test_a_pool_the_machine_cannot_hold_is_refused_with_the_reason(small_repo, d
 def test_an_output_of_another_model_is_refused_before_ray_starts_and_fresh_starts_over(server, small_repo, dataset,
                                                                                       tmp_path, capsys):
     """The Ray engine checks an output's model version as the gRPC engine does (one check in `output.py`):
-    here an output the gRPC engine wrote with fmnist, resumed on Ray with another model of the repository."""
+    an output the gRPC engine began with fmnist is refused to another model of the repository, resumed on Ray
+    by fmnist (the same model version, through either engine), and started afresh with the other model."""
     images, labels = dataset
     np.savez(tmp_path / "set.npz", images=images, labels=labels)
     repo = tmp_path / "repo"
@@ -126,6 +127,10 @@ def test_an_output_of_another_model_is_refused_before_ray_starts_and_fresh_start
     err = capsys.readouterr().err
     assert f"{out} was written with fmnist v1, not other v1" in err and "--fresh" in err
     assert err.count("\n") == 1 and out.read_bytes() == written  # one line, and the output untouched
+
+    assert _ray(*[a if a != "other" else "fmnist" for a in ray_job]) == 0
+    summary = json.loads(Path(f"{out}.summary.json").read_text())
+    assert (summary["model"], summary["images_this_run"], summary["images"]) == ("fmnist", N_IMAGES - 100, N_IMAGES)
 
     assert _ray(*ray_job, "--fresh") == 0
     summary = json.loads(Path(f"{out}.summary.json").read_text())
