@@ -59,7 +59,7 @@ class AsyncClassifierClient:
 
     async def classify_stream(self, batches: AsyncIterator[tuple[str, Sequence[ImageLike]]] | Iterable,
                               model: str = "", top_k: int = 5, window: int = 16,
-                              target_index: int | None = None) -> AsyncIterator:
+                              target_index: int | None = None, version: int = 0) -> AsyncIterator:
         """As ClassifierClient.classify_stream; `target_index` pins the stream to one target (one stream per
         replica), otherwise targets are taken round robin. Closing the iterator cancels the call."""
         slots = asyncio.Semaphore(window)
@@ -67,7 +67,7 @@ class AsyncClassifierClient:
         async def requests():
             async for request_id, images in _aiter(batches):
                 await slots.acquire()
-                yield messages.stream_request(request_id, images, model, top_k)
+                yield messages.stream_request(request_id, images, model, top_k, version)
 
         stub = self._stubs[next(self._next) if target_index is None else target_index]
         call = stub.ClassifyStream(requests(), metadata=self._metadata)

@@ -97,8 +97,8 @@ def classify_request(images, model: str, version: int, top_k: int) -> pb.Classif
     return pb.ClassifyRequest(model=model, version=version, top_k=top_k, images=[to_wire_image(i) for i in images])
 
 
-def stream_request(request_id: str, images, model: str, top_k: int) -> pb.StreamClassifyRequest:
-    return pb.StreamClassifyRequest(request_id=request_id, request=classify_request(images, model, 0, top_k))
+def stream_request(request_id: str, images, model: str, top_k: int, version: int = 0) -> pb.StreamClassifyRequest:
+    return pb.StreamClassifyRequest(request_id=request_id, request=classify_request(images, model, version, top_k))
 
 
 def explain_request(images, model, version, target_class, overlay) -> pb.ExplainRequest:

@@ -60,9 +60,11 @@ class ClassifierClient:
         return messages.model_info(self._call("GetModel", pb.GetModelRequest(model=model, version=version)))
 
     def classify_stream(self, batches: Iterable[tuple[str, Sequence[ImageLike]]], model: str = "", top_k: int = 5,
-                        window: int = 16, target_index: int | None = None) -> Iterator[pb.StreamClassifyResponse]:
+                        window: int = 16, target_index: int | None = None,
+                        version: int = 0) -> Iterator[pb.StreamClassifyResponse]:
         """Stream (request_id, images) batches; at most `window` requests are in flight at once.
-        Yields the server's responses in order (request_id echoed, error_code set on a failed item)."""
+        Yields the server's responses in order (request_id echoed, error_code set on a failed item).
+        `version` pins every request to one version (0: the newest ready, request by request)."""
         slots = threading.Semaphore(window)
         stop = threading.Event()
 
@@ -73,7 +75,7 @@ class ClassifierClient:
                         return
                 if stop.is_set():
                     return
-                yield messages.stream_request(request_id, images, model, top_k)
+                yield messages.stream_request(request_id, images, model, top_k, version)
 
         stub = self._stubs[next(self._next) if target_index is None else target_index]
         call = stub.ClassifyStream(requests(), metadata=self._metadata)

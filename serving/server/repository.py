@@ -27,7 +27,7 @@ from ..repository_format import (
     load_spec,
     select_versions,
 )
-from .errors import InvalidInput, ModelNotFound, ModelNotReady
+from .errors import InvalidInput, ModelNotFound, ModelNotReady, shown
 from .model import ModelVersion, load_version
 from .runtime import RuntimeOptions
 
@@ -108,11 +108,11 @@ class ModelRepository:
         if not versions:
             if name not in self._names:
                 known = ", ".join(self._names) or "none"
-                raise ModelNotFound(f"model {name!r} is not in the repository (models: {known})")
-            raise ModelNotReady(f"model {name!r} has no ready version ({self._why_not_ready(name)})")
+                raise ModelNotFound(f"model {shown(name)} is not in the repository (models: {known})")
+            raise ModelNotReady(f"model {shown(name)} has no ready version ({self._why_not_ready(name)})")
         if version:
             if version not in versions:
-                raise ModelNotFound(f"model {name!r} has no ready version {version} "
+                raise ModelNotFound(f"model {shown(name)} has no ready version {version} "
                                     f"(ready: {', '.join(map(str, sorted(versions)))})")
             return versions[version]
         return versions[max(versions)]
@@ -160,7 +160,7 @@ class ModelRepository:
     async def unload(self, name: str) -> None:
         async with self._lock:
             if name not in self._ready and name not in self.model_names():
-                raise ModelNotFound(f"model {name!r} is not in the repository")
+                raise ModelNotFound(f"model {shown(name)} is not in the repository")
             self._unloaded_by_request.add(name)
             for version in list(self._ready.get(name, {})):
                 await self._retire(name, version, "unloaded by request")

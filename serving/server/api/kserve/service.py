@@ -12,7 +12,7 @@ import grpc
 
 from ....wire.inference import grpc_service_pb2 as pb
 from ....wire.inference import grpc_service_pb2_grpc as pb_grpc
-from ...errors import InvalidInput, ModelNotFound, ModelNotReady
+from ...errors import InvalidInput, ModelNotFound, ModelNotReady, shown
 from ...repository import READY, UNAVAILABLE, ModelRepository
 from ..status import remaining_time, status_of, status_on_error
 from ..streaming import STREAM_WINDOW, answer_in_order
@@ -158,7 +158,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         name = request.model_name
         if name not in self.repo.model_names():
             known = ", ".join(self.repo.model_names()) or "none"
-            raise ModelNotFound(f"model {name!r} is not in the repository (models: {known})")
+            raise ModelNotFound(f"model {shown(name)} is not in the repository (models: {known})")
         await self.repo.load(name)
         self.repo.get(name)  # fails with the reason when no version could be loaded
         return pb.RepositoryModelLoadResponse()
