@@ -10,6 +10,8 @@ classifier.v1 and KServe v2 over gRPC.
     inference.py    the typed request and result passed between them
     preprocess.py   decode, resize, scale; cam.py: CAM maths and overlay PNGs
     errors.py       every error raised on purpose; api/status.py maps them to gRPC codes
+    handlers.py     what runs around every call: counting, the caller's check, its trace span
+    metrics.py      Prometheus; tracing.py: OpenTelemetry spans; logs.py: text or JSON lines
     api/            the thin servicers (classifier.v1, KServe v2) and streams answered in order
 
 Nothing is imported here, so that `serving.server.batcher` and the others load without the rest.

@@ -26,6 +26,7 @@ from .handlers import CallGate, WrappingRegistrar
 from .metrics import Metrics
 from .repository import ModelRepository
 from .runtime import RuntimeOptions
+from .tracing import TraceConfig, Tracing
 
 log = logging.getLogger("serving.server")
 
@@ -56,14 +57,17 @@ class ServerOptions:
     exit_timeout_s: float = 30.0            # then the longest wait for accepted calls to finish
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     strict_readiness: bool = True           # ready only when every model to serve has a ready version
+    trace: TraceConfig = field(default_factory=TraceConfig)  # OpenTelemetry tracing (off by default)
 
 
 class InferenceServer:
     def __init__(self, options: ServerOptions):
         self.options = options
         self.metrics = Metrics()
+        self.tracing = Tracing(options.trace)
         self.repository = ModelRepository(options.repository, options.runtime, options.batching,
-                                          options.batching_overrides, observer_factory=self.metrics.observer)
+                                          options.batching_overrides, observer_factory=self.metrics.observer,
+                                          tracer=self.tracing)
         self.server: grpc.aio.Server | None = None
         self.port = options.port
         self.health = health.aio.HealthServicer()
@@ -102,10 +106,11 @@ class InferenceServer:
         await self.repository.load_all()
         self.server = grpc.aio.server(options=self._grpc_options())
         # Our services' handlers are wrapped once: counted, caller checked and admitted, then the body read.
-        ours = WrappingRegistrar(self.server, CallGate(self.access, self.admission, self.metrics).wrap)
+        ours = WrappingRegistrar(self.server, CallGate(self.access, self.admission, self.metrics,
+                                                        tracing=self.tracing).wrap)
         classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierService(self.repository), ours)
         service_names = [classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name]
-        kserve.register(ours, self.repository, readiness=self.readiness)
+        kserve.register(ours, self.repository, readiness=self.readiness, tracing=self.tracing)
         service_names.append(kserve.SERVICE_NAME)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         service_names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
@@ -205,6 +210,7 @@ class InferenceServer:
             await self.server.stop(grace_s)
         await self.metrics.close()
         await self.repository.close(drain=grace_s > 0)
+        await asyncio.to_thread(self.tracing.shutdown)  # the spans still buffered are exported
 
     async def wait(self) -> None:
         assert self.server is not None

@@ -8,6 +8,10 @@ largest preferred size available) or when the oldest request has waited `max_que
 larger than the limit is split into chunks and merged back in order. The queue is bounded (QueueFull at
 once when full); requests whose deadline passes in the queue are dropped and answered DeadlineExceeded;
 a cancelled caller frees its slot.
+
+Two optional hooks watch it without shaping it: an `observer` (statistics: per batch and per answered
+request) and a `tracer` (which captures each request's trace context at submit and is told of every batch
+that served a traced request, with its timestamps, after the batch ran).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import BatcherStopped, DeadlineExceeded, InvalidInput, QueueFull
 
@@ -81,14 +85,28 @@ class _Pending:
     taken: bool = False   # handed to a worker (no longer in a queue)
     queued_s: float = 0.0                                 # set when its batch starts
     phases: tuple[float, float, float] = (0.0, 0.0, 0.0)  # set when its batch has run
+    trace: Any = None     # what the tracer captured at submit (None: not traced)
 
 
 def _concat_lists(parts: list) -> Any:
     return [x for part in parts for x in part]
 
 
-# (batch units, queue seconds per request, compute seconds, failed requests)
-BatchObserver = Callable[[int, list[float], float, int], None]
+class BatchObserver(Protocol):
+    def batch(self, units: int, queue_times: list[float], compute_s: float, errors: list[BaseException]) -> None:
+        """One execution: its units, each request's queue time, its compute time, the errors it answered."""
+
+    def request(self, total_s: float, queue_s: float, phases: tuple[float, float, float]) -> None:
+        """One request answered successfully: submit to answer, its queue time, its share of compute phases."""
+
+
+class BatchTracer(Protocol):
+    def capture(self) -> Any:
+        """The submitting caller's trace context, or None when it is not traced (called on every submit)."""
+
+    def batch_ran(self, name: str, traces: list, enqueued_ns: list[int], started_ns: int, ended_ns: int, units: int,
+                  phases: tuple[float, float, float], failures: int, error: BaseException | None) -> None:
+        """A batch that served at least one traced request ran (wall-clock ns timestamps)."""
 
 
 class DynamicBatcher:
@@ -105,6 +123,7 @@ class DynamicBatcher:
         instances: int = 1,
         merge: Callable[[list[Any]], Any] = _concat_lists,
         observer: BatchObserver | None = None,
+        tracer: BatchTracer | None = None,
         inline_max_units: int = 0,
         inline_lone_window_s: float = 0.1,
         combine: bool = True,
@@ -123,6 +142,8 @@ class DynamicBatcher:
         self.combine = combine  # False: every request is a batch of its own (still split at max_batch_size)
         self._merge = merge
         self._observer = observer
+        self._tracer = tracer
+        self._wall_offset_s = time.time() - time.monotonic()  # monotonic to wall-clock, for span timestamps
         # Batches up to inline_max_units run on the event loop itself, but only for a lone caller: when no
         # two requests overlapped within inline_lone_window_s. With several callers the loop must keep
         # reading requests while the model runs, or it would see them one at a time and run tiny batches.
@@ -198,6 +219,11 @@ class DynamicBatcher:
         now = time.monotonic()
         deadline = now + timeout_s if timeout_s else None
         pending = [_Pending(c, len(c), loop.create_future(), now, deadline, level) for c in chunks]
+        if self._tracer is not None:
+            trace = self._tracer.capture()
+            if trace is not None:
+                for p in pending:
+                    p.trace = trace
         self._queues[level - 1].extend(pending)
         self._queued += len(pending)
         self.stats.requests += 1
@@ -230,6 +256,8 @@ class DynamicBatcher:
         self.stats.success_ns += int(total_s * 1e9)
         self.stats.queue_ns += int(queued * 1e9)
         self.stats.compute.add(phases, scale)
+        if self._observer:
+            self._observer.request(total_s, queued, tuple(x * scale for x in phases))
 
     def _arm_sweep(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
         """One timer per batcher, at the earliest deadline in the queue: callers usually share a timeout,
@@ -348,6 +376,7 @@ class DynamicBatcher:
             started = time.monotonic()
             queue_times = [started - p.enqueued for p in batch]
             self.in_flight += len(batch)
+            batch_error = None
             try:
                 payloads = [p.payload for p in batch]
                 if units <= self.inline_max_units and started - self._overlap_seen > self.inline_lone_window_s:
@@ -359,18 +388,25 @@ class DynamicBatcher:
                     raise RuntimeError(f"execute returned {len(results)} results for {len(batch)} requests")
             except Exception as e:  # the whole batch failed: every caller hears why
                 results = [e] * len(batch)
+                batch_error = e
             finally:
                 self.in_flight -= len(batch)
             compute = time.monotonic() - started
             phases = getattr(results, "phases", None) or (0.0, compute, 0.0)
-            failed = sum(isinstance(r, BaseException) for r in results)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            failed = len(errors)
             self.stats.failures += failed
             self.stats.executions += 1
             self.stats.units += units
             self.stats.batches.setdefault(units, PhaseTotals()).add(phases)
             self.stats.last_inference_ms = int(time.time() * 1000)
             if self._observer:
-                self._observer(units, queue_times, compute, failed)
+                self._observer.batch(units, queue_times, compute, errors)
+            if self._tracer is not None and any(p.trace is not None for p in batch):
+                to_ns, offset = 1e9, self._wall_offset_s
+                self._tracer.batch_ran(self.name, [p.trace for p in batch],
+                                       [int((p.enqueued + offset) * to_ns) for p in batch], int((started + offset) * to_ns),
+                                       int((started + compute + offset) * to_ns), units, phases, failed, batch_error)
             for p, queued, r in zip(batch, queue_times, results):
                 p.queued_s, p.phases = queued, phases
                 if p.future.done():

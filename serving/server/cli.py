@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 
@@ -43,7 +42,18 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message accepted")
     p.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                    help="uvloop where installed (auto): about 0.07 ms less CPU per request than asyncio's loop")
-    p.add_argument("--log-level", default="INFO")
+    obs = p.add_argument_group("observability (see README, Observability)")
+    obs.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                     help="the least severe lines logged: DEBUG adds per-session and per-scan detail, WARNING keeps "
+                     "only what needs attention (default %(default)s; LogSettings changes it at run time)")
+    obs.add_argument("--log-format", default="text", choices=["text", "json"], help="text lines, or one JSON object "
+                     "per line (time, level, logger, message; trace_id and span_id on lines about a traced call)")
+    obs.add_argument("--trace", action="store_true", help="export OpenTelemetry spans of every call, its queue wait "
+                     "and its batch over OTLP/gRPC (needs the [trace] extra; the endpoint, service name and sampler "
+                     "come from OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER/_ARG)")
+    obs.add_argument("--trace-config", action="append", default=[], metavar="KEY=VALUE",
+                     help="Triton-like tracing settings, repeatable: level=OFF|TIMESTAMPS (TIMESTAMPS turns tracing "
+                     "on, as --trace), rate=N (one request in N), mode=opentelemetry, opentelemetry,url=HOST:PORT")
     access = p.add_argument_group("access (see README, Security)")
     access.add_argument("--tls-cert", default="", help="server certificate chain (PEM): turns on TLS")
     access.add_argument("--tls-key", default="", help="the certificate's private key (PEM)")
@@ -84,6 +94,7 @@ def _server_options(args: argparse.Namespace):
     from .app import ServerOptions
     from .connections import ConnectionLimits
     from .runtime import RuntimeOptions
+    from .tracing import TraceConfig
     overrides = {k: v for k, v in {"max_batch_size": args.max_batch_size, "max_queue_delay_us": args.max_queue_delay_us,
                                    "instances": args.instances, "max_queue_size": args.max_queue_size,
                                    "inline_budget_us": args.inline_budget_us}.items()
@@ -96,6 +107,7 @@ def _server_options(args: argparse.Namespace):
                                intra_op_threads=args.intra_op_threads, spin_wait=args.ort_spin,
                                cuda_graphs=args.cuda_graphs),
         batching_overrides=overrides,
+        trace=TraceConfig.parse(args.trace_config, enabled=args.trace),
         tls=TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca),
         inference_tokens=read_tokens(args.auth_token_file, INFERENCE_TOKENS_ENV),
         admin_tokens=read_tokens(args.admin_token_file, ADMIN_TOKENS_ENV),
@@ -109,7 +121,8 @@ def _server_options(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .logs import CONTROL
+    CONTROL.configure(args.log_level, args.log_format)
     try:
         from .app import event_loop_factory, serve
     except ImportError as e:  # onnxruntime, Pillow, health or reflection missing: the base install
@@ -118,7 +131,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         with asyncio.Runner(loop_factory=event_loop_factory(args.event_loop)) as runner:
             return runner.run(serve(_server_options(args)))
-    except (OSError, RuntimeError) as e:  # a missing repository, a port in use, an unprotected start: no traceback
+    except (OSError, RuntimeError, ValueError) as e:  # a missing repository, a port in use, an unprotected start,
+        # a bad --trace-config, tracing without its extra: no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -54,6 +54,10 @@ class CamUnavailable(ServingError):
     """The model has no linear map from feature maps to logits (FAILED_PRECONDITION)."""
 
 
+class NotInstalled(ServingError):
+    """A feature asked for needs a package this install lacks (FAILED_PRECONDITION); says which extra."""
+
+
 class Unauthenticated(ServingError):
     """The call carries no token, or one the server does not know (UNAUTHENTICATED)."""
 

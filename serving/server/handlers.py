@@ -1,7 +1,8 @@
 """What runs around each call of the server's own services (classifier.v1 and KServe v2), wrapped once per
 method at registration, in this order:
 
-1. the call is counted (Prometheus, by method and final status code; unary calls and streams alike);
+1. the call is counted (Prometheus, by method and final status code; unary calls and streams alike) and,
+   with tracing on, gets its server span (the caller's traceparent continued; errors set its status);
 2. the caller is checked (token, client certificate) and admitted (refused while the server drains), and
    every refusal gets an audit line;
 3. only then is the request body read and parsed.
@@ -22,6 +23,7 @@ without it: probes and tooling need no token and keep answering while the server
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -32,11 +34,12 @@ from .api.status import status_of
 from .drain import STREAM_CUT, Admission
 from .errors import InvalidInput, ServingError, ShuttingDown
 from .metrics import Metrics
+from .tracing import Tracing, call_span
 
 KSERVE = "/inference.GRPCInferenceService/"
-# The management RPCs: they change what the server serves or how it runs, so they need an admin token (trace
-# and log settings answer UNIMPLEMENTED today, and are placed here for the day they do not). A new management
-# RPC is added here (a test lists every RPC of both services with the role it needs).
+# The management RPCs: they change what the server serves or how it runs (models, trace sampling, log level),
+# so they need an admin token. A new management RPC is added here (a test lists every RPC of both services
+# with the role it needs).
 ADMIN_METHODS = frozenset({KSERVE + "RepositoryModelLoad", KSERVE + "RepositoryModelUnload", KSERVE + "TraceSetting",
                            KSERVE + "LogSettings"})
 # KServe's health RPCs need no token, like grpc.health.v1 (Triton groups them as its "health" protocol):
@@ -69,9 +72,11 @@ def parse(deserialize: Callable[[bytes], object] | None, raw: bytes):
 class CallGate:
     """Wraps each method handler of our services (see the module's docstring)."""
 
-    def __init__(self, access: Access, admission: Admission, metrics: Metrics, refusals: RefusalLog | None = None):
+    def __init__(self, access: Access, admission: Admission, metrics: Metrics, refusals: RefusalLog | None = None,
+                 tracing: Tracing | None = None):
         self.access, self.admission, self.metrics = access, admission, metrics
         self.refusals = refusals or RefusalLog()
+        self.tracing = tracing or Tracing()
 
     def _admit(self, context, needed: Role | None, name: str) -> None:
         """The caller's credential, then admission; raises the refusal (already audit-logged)."""
@@ -86,19 +91,25 @@ class CallGate:
         needed = required_role(method)
         name = method.rsplit("/", 1)[-1]
         if handler.unary_unary:
-            return self._unary(handler, needed, name)
+            return self._unary(handler, needed, name, method.lstrip("/"))
         if handler.stream_stream:
-            return self._stream(handler, needed, name)
+            return self._stream(handler, needed, name, method.lstrip("/"))
         raise TypeError(f"{method}: only unary and bidirectional streaming methods are served")
 
-    def _unary(self, handler: grpc.RpcMethodHandler, needed: Role | None, name: str) -> grpc.RpcMethodHandler:
+    def _unary(self, handler: grpc.RpcMethodHandler, needed: Role | None, name: str,
+               span_name: str) -> grpc.RpcMethodHandler:
         inner, deserialize = handler.unary_unary, handler.request_deserializer
         admit, admission = self._admit, self.admission
         gauge, calls = self.metrics.in_flight.labels(name), self.metrics.rpcs
+        tracing = self.tracing
 
         async def unary(requests: AsyncIterator[bytes], context):
             gauge.inc()
             code = "OK"
+            span = None
+            if tracing.on:  # the one cost of tracing when off: this read
+                span = tracing.start_call(span_name, context.invocation_metadata())
+                token = call_span.set(span)
             try:
                 try:
                     admit(context, needed, name)
@@ -120,15 +131,21 @@ class CallGate:
             finally:
                 gauge.dec()
                 calls.labels(name, code).inc()
+                if span is not None:
+                    with contextlib.suppress(ValueError):  # a stream may end in another context than it began
+                        call_span.reset(token)
+                    tracing.end_call(span, code, context.details() if code != "OK" else "")
 
         return grpc.stream_unary_rpc_method_handler(unary, response_serializer=handler.response_serializer)
 
-    def _stream(self, handler: grpc.RpcMethodHandler, needed: Role | None, name: str) -> grpc.RpcMethodHandler:
+    def _stream(self, handler: grpc.RpcMethodHandler, needed: Role | None, name: str,
+               span_name: str) -> grpc.RpcMethodHandler:
         """A stream is checked and admitted before its first message is read; admission cuts it short when the
         server drains (it ends UNAVAILABLE once the requests it read are answered)."""
         inner, deserialize = handler.stream_stream, handler.request_deserializer
         admit, admission = self._admit, self.admission
         gauge, calls = self.metrics.in_flight.labels(name), self.metrics.rpcs
+        tracing = self.tracing
 
         async def parsed(reads) -> AsyncIterator:
             async for raw in reads:
@@ -137,6 +154,10 @@ class CallGate:
         async def stream(requests: AsyncIterator[bytes], context):
             gauge.inc()
             code = "OK"
+            span = None
+            if tracing.on:  # the one cost of tracing when off: this read
+                span = tracing.start_call(span_name, context.invocation_metadata())
+                token = call_span.set(span)
             try:
                 try:
                     admit(context, needed, name)
@@ -159,6 +180,10 @@ class CallGate:
             finally:
                 gauge.dec()
                 calls.labels(name, code).inc()
+                if span is not None:
+                    with contextlib.suppress(ValueError):  # a stream may end in another context than it began
+                        call_span.reset(token)
+                    tracing.end_call(span, code, context.details() if code != "OK" else "")
 
         return grpc.stream_stream_rpc_method_handler(stream, response_serializer=handler.response_serializer)
 

@@ -23,11 +23,12 @@ from ..repository_format import (
     read_metadata,
     version_file,
 )
-from .batcher import BatchObserver, DynamicBatcher
+from .batcher import BatchObserver, BatchTracer, DynamicBatcher
 from .errors import CamUnavailable, InternalError, InvalidInput, ServingError
 from .execution import BatchExecution
 from .inference import InferenceRequest, InferenceResult
 from .runtime import OrtSessions, RuntimeOptions
+from .tracing import set_call_attributes
 
 log = logging.getLogger("serving.model")
 
@@ -59,6 +60,7 @@ class ModelVersion:
             raise CamUnavailable(f"model {self.name} version {self.version} cannot explain: {self.cam_reason}")
         if request.target_class is not None and not 0 <= request.target_class < self.spec.num_classes:
             raise InvalidInput(f"target_class {request.target_class} is outside 0..{self.spec.num_classes - 1}")
+        set_call_attributes(self.name, self.version, len(request))
         if timeout_s is None and self.spec.batching.default_timeout_us:  # config.pbtxt default_queue_policy
             timeout_s = self.spec.batching.default_timeout_us / 1e6
         try:
@@ -110,7 +112,7 @@ def load_execution(spec: ModelSpec, version: int, options: RuntimeOptions | None
 
 
 def load_version(spec: ModelSpec, version: int, options: RuntimeOptions | None = None,
-                 observer: BatchObserver | None = None) -> ModelVersion:
+                 observer: BatchObserver | None = None, tracer: BatchTracer | None = None) -> ModelVersion:
     """The loaded version with a batcher (not yet started) in front."""
     loaded = load_execution(spec, version, options)
     execution, b, pre = loaded.execution, spec.batching, spec.preprocessing
@@ -118,7 +120,7 @@ def load_version(spec: ModelSpec, version: int, options: RuntimeOptions | None =
         execution.execute, max_batch_size=b.max_batch_size, max_queue_delay_s=b.max_queue_delay_us / 1e6,
         preferred_batch_sizes=b.preferred_batch_sizes, max_queue_size=b.max_queue_size,
         priority_levels=b.priority_levels, default_priority=b.default_priority, instances=b.instances,
-        combine=b.combine_requests, merge=InferenceResult.concat, observer=observer,
+        combine=b.combine_requests, merge=InferenceResult.concat, observer=observer, tracer=tracer,
         inline_max_units=_inline_units(loaded.sessions, (pre.channels, pre.height, pre.width), b),
         name=f"{spec.name}:{version}")
     return ModelVersion(spec, version, execution, batcher, loaded.metadata, loaded.cam_reason)

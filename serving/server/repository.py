@@ -53,7 +53,7 @@ def _stamp(path: Path) -> tuple[int, int]:
 class ModelRepository:
     def __init__(self, root: str | os.PathLike, runtime_options: RuntimeOptions | None = None,
                  batching_defaults: BatchingOptions | None = None, batching_overrides: dict | None = None,
-                 observer_factory=None):
+                 observer_factory=None, tracer=None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"model repository {self.root} is not a directory")
@@ -61,6 +61,7 @@ class ModelRepository:
         self.batching_defaults = batching_defaults or BatchingOptions()
         self.batching_overrides = batching_overrides or {}
         self._observer_factory = observer_factory  # (model, version) -> batch observer, for metrics
+        self._tracer = tracer  # the batchers' tracer hook (spans of queue waits and batches)
         self._ready: dict[str, dict[int, ModelVersion]] = {}
         self._status: dict[tuple[str, int], VersionStatus] = {}
         self._model_errors: dict[str, str] = {}
@@ -223,7 +224,8 @@ class ModelRepository:
         self._status[key] = VersionStatus(spec.name, version, LOADING, stamp=stamp)
         observer = self._observer_factory(spec.name, version) if self._observer_factory else None
         try:
-            mv = await asyncio.to_thread(load_version, spec, version, self.runtime_options, observer)
+            mv = await asyncio.to_thread(load_version, spec, version, self.runtime_options, observer,
+                                    self._tracer)
             await mv.batcher.start()
         except Exception as e:  # noqa: BLE001 - any failure leaves the serving versions untouched
             reason = f"{type(e).__name__}: {e}".splitlines()[0][:500]

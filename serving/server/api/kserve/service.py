@@ -13,17 +13,20 @@ import grpc
 from ....wire.inference import grpc_service_pb2 as pb
 from ....wire.inference import grpc_service_pb2_grpc as pb_grpc
 from ...errors import InvalidInput, ModelNotFound, ModelNotReady, shown
+from ...logs import CONTROL, LogControl
 from ...repository import READY, UNAVAILABLE, ModelRepository
+from ...tracing import Tracing
 from ..status import remaining_time, status_of, status_on_error
 from ..streaming import STREAM_WINDOW, answer_in_order
 from .metadata import model_metadata, served_config
+from .settings import log_settings, trace_setting
 from .statistics import model_statistics
 from .tensors import build_response, inference_request, int_param, parse_version
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 SERVER_NAME = "cnn-serving"
 EXTENSIONS = ["classification", "model_configuration", "model_repository", "schedule_policy", "statistics",
-              "parameters"]
+              "parameters", "trace", "logging"]
 
 
 def _server_version() -> str:
@@ -53,8 +56,10 @@ async def _unimplemented(context: grpc.aio.ServicerContext, what: str, instead: 
 
 
 class KServeService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: ModelRepository, readiness: Callable[[], tuple[bool, str]] | None = None):
+    def __init__(self, repository: ModelRepository, readiness: Callable[[], tuple[bool, str]] | None = None,
+                 tracing: Tracing | None = None, logs: LogControl | None = None):
         self.repo = repository
+        self.tracing, self.logs = tracing or Tracing(), logs or CONTROL
         # The server's readiness (strict by default), the same answer grpc.health.v1 gives.
         self.readiness = readiness or repository.readiness
 
@@ -187,16 +192,19 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
     async def CudaSharedMemoryUnregister(self, request, context):
         await _unimplemented(context, "CUDA shared memory", _SHARED_MEMORY_HINT)
 
-    async def TraceSetting(self, request, context):
-        await _unimplemented(context, "request tracing",
-                             "timings are in ModelStatistics and in the Prometheus metrics (--metrics-port)")
 
+    # -- trace and log settings (admin) ----------------------------------------------------------------------
+    @status_on_error
+    async def TraceSetting(self, request, context):
+        return trace_setting(self.tracing, request)
+
+    @status_on_error
     async def LogSettings(self, request, context):
-        await _unimplemented(context, "changing log settings", "start the server with --log-level")
+        return log_settings(self.logs, request)
 
 
 def register(grpc_server: grpc.aio.Server, repository: ModelRepository,
-             readiness: Callable[[], tuple[bool, str]] | None = None) -> KServeService:
-    service = KServeService(repository, readiness)
+             readiness: Callable[[], tuple[bool, str]] | None = None, tracing: Tracing | None = None) -> KServeService:
+    service = KServeService(repository, readiness, tracing)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, grpc_server)
     return service

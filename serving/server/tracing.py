@@ -1,0 +1,292 @@
+"""OpenTelemetry tracing of calls through the batcher: off by default, and free when off.
+
+Per call of our services, a server span (`CallGate` starts it, continuing the caller's W3C `traceparent`
+from the gRPC metadata) carries the model, version and image count. Per request the batcher queued, a
+`queue` span (a child of the call) runs from its submit to the start of its batch. Per batch execution, a
+`batch` span with the batch size and its phases as children (`preprocess`, `run` for onnxruntime,
+`postprocess` for softmax, ranking and CAM) is **linked** to the call spans it served; its parent is the
+first of them that is sampled, so a trace of one call shows the batch it ran in, and the others reach it by
+their link. A batch none of whose calls is sampled makes no span.
+
+Queue and batch spans are made after the batch has run, on the event loop, with the timestamps the batcher
+took: the worker thread that runs onnxruntime never touches the SDK.
+
+When off (the default: no `--trace`, or level OFF), no SDK is imported and a call costs one attribute
+read. The SDK and the OTLP exporter are the `[trace]` extra; they read the standard `OTEL_*` variables
+(`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_SERVICE_NAME`, `OTEL_TRACES_EXPORTER`, `OTEL_TRACES_SAMPLER` and
+`_ARG`). `TraceSetting` changes the level and the rate while the server runs.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+TRACE_EXTRA_HINT = "tracing needs the OpenTelemetry SDK: pip install 'cnn-serving[trace]'"
+DEFAULT_SERVICE_NAME = "cnn-serving"
+LEVELS = ("OFF", "TIMESTAMPS")  # Triton's trace levels that mean off and on (its TENSORS level is not served)
+
+# The span of the call being served, for the model's attributes, the batcher's links and the log lines.
+# Our own variable: cheaper than attaching an OpenTelemetry context per call, and read by nothing else.
+call_span: contextvars.ContextVar = contextvars.ContextVar("call_span", default=None)
+
+
+@dataclass
+class TraceConfig:
+    """How tracing starts. `rate` is Triton's: one request in `rate` is sampled (1: every one); 0 takes the
+    sampler from OTEL_TRACES_SAMPLER/_ARG (default: every request, or as the caller's traceparent says)."""
+    enabled: bool = False
+    rate: int = 0
+    endpoint: str = ""  # the OTLP/gRPC collector; "" leaves it to OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT
+
+    @classmethod
+    def parse(cls, settings: Iterable[str], enabled: bool = False) -> TraceConfig:
+        """Triton-like `--trace-config` settings: `level=OFF|TIMESTAMPS`, `rate=N`, `mode=opentelemetry`,
+        `opentelemetry,url=HOST:PORT` (or `url=`). Raises ValueError naming a bad one."""
+        config = cls(enabled=enabled)
+        if isinstance(settings, str):  # from CNN_SERVING_TRACE_CONFIG: settings apart by spaces
+            settings = settings.split()
+        for setting in settings:
+            key, sep, value = setting.partition("=")
+            key = key.strip().lower().removeprefix("opentelemetry,")
+            if not sep:
+                raise ValueError(f"--trace-config {setting!r}: use key=value (level, rate, mode or url)")
+            if key == "level":
+                if value.upper() not in LEVELS:
+                    raise ValueError(f"--trace-config level={value}: choose OFF or TIMESTAMPS")
+                config.enabled = value.upper() != "OFF"
+            elif key == "rate":
+                if not value.isdigit() or int(value) < 1:
+                    raise ValueError(f"--trace-config rate={value}: one request in N is traced, N >= 1")
+                config.rate = int(value)
+            elif key == "mode":
+                if value.lower() != "opentelemetry":
+                    raise ValueError(f"--trace-config mode={value}: only opentelemetry is served")
+            elif key == "url":
+                config.endpoint = value
+            else:
+                raise ValueError(f"--trace-config {key}: unknown (level, rate, mode, url)")
+        return config
+
+
+def _sampler_from_environment() -> tuple[float, bool]:
+    """(ratio, follows the caller's sampled flag) from OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG."""
+    name = os.environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    try:
+        arg = float(os.environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0"))
+    except ValueError:
+        arg = 1.0
+    ratios = {"always_on": 1.0, "always_off": 0.0, "traceidratio": min(max(arg, 0.0), 1.0)}
+    base = name.removeprefix("parentbased_")
+    if base not in ratios:
+        raise ValueError(f"OTEL_TRACES_SAMPLER={name}: served are always_on, always_off, traceidratio and their "
+                         "parentbased_ forms")
+    return ratios[base], name.startswith("parentbased_")
+
+
+class Tracing:
+    """The server's tracing: its state (on, sampling ratio) and, once on, an SDK tracer provider with an
+    OTLP exporter. One per server; the provider is its own, not the global one."""
+
+    def __init__(self, config: TraceConfig | None = None):
+        self.config = config or TraceConfig()
+        self.on = False
+        self.tracer = None
+        self._provider = None
+        self._sampler = None
+        self.ratio, self.parent_based = _sampler_from_environment()
+        if self.config.rate:
+            self.ratio = 1.0 / self.config.rate
+        self._start_ratio = self.ratio
+        if self.config.enabled:
+            self.enable()
+
+    # -- switching -------------------------------------------------------------------------------------
+    def enable(self) -> None:
+        """Start (or resume) tracing; RuntimeError when the SDK is not installed."""
+        if self._provider is None:
+            self._provider, self._sampler = _make_provider(self.config.endpoint, self.ratio, self.parent_based)
+            self.tracer = self._provider.get_tracer("serving.server")
+        self.on = True
+
+    def disable(self) -> None:
+        self.on = False
+
+    def set_ratio(self, ratio: float) -> None:
+        self.ratio = min(max(ratio, 0.0), 1.0)
+        if self._sampler is not None:
+            self._sampler.set_ratio(self.ratio)
+
+    def reset_ratio(self) -> None:
+        self.set_ratio(self._start_ratio)
+
+    @property
+    def rate(self) -> int:
+        """Triton's trace_rate: one request in this many (0 when none is sampled)."""
+        return round(1 / self.ratio) if self.ratio > 0 else 0
+
+    def shutdown(self) -> None:
+        """Export what is buffered and stop the exporter."""
+        self.on = False
+        if self._provider is not None:
+            self._provider.shutdown()
+            self._provider = None
+
+    # -- spans of a call -------------------------------------------------------------------------------
+    def start_call(self, method: str, metadata: Sequence[tuple[str, str | bytes]] | None):
+        """The server span of one call, continuing the caller's traceparent; None when tracing is off."""
+        from opentelemetry.trace import SpanKind
+
+        parent = None
+        if metadata:
+            carrier = {k: v for k, v in metadata if k in ("traceparent", "tracestate") and isinstance(v, str)}
+            if carrier:
+                parent = _PROPAGATOR.extract(carrier)
+        return self.tracer.start_span(method, context=parent, kind=SpanKind.SERVER,
+                                      attributes={"rpc.system": "grpc", "rpc.method": method})
+
+    def end_call(self, span, code: str, details: str | bytes | None = "") -> None:
+        """End a call's span with its gRPC status; any status but OK marks it an error."""
+        from opentelemetry.trace import Status, StatusCode
+
+        span.set_attribute("rpc.grpc.status_code", code)
+        if code != "OK":
+            if isinstance(details, bytes):
+                details = details.decode("utf-8", "replace")
+            span.set_status(Status(StatusCode.ERROR, f"{code}: {details or ''}".rstrip(": ")))
+        span.end()
+
+    # -- spans of a batch (the batcher's tracer hook) --------------------------------------------------
+    def capture(self):
+        """At submit: the call's span when it is traced and sampled, else None (the batcher then does nothing)."""
+        if not self.on:
+            return None
+        span = call_span.get()
+        return span if span is not None and span.is_recording() else None
+
+    def batch_ran(self, name: str, calls: Sequence, enqueued_ns: Sequence[int], started_ns: int, ended_ns: int,
+                  units: int, phases: tuple[float, float, float], failures: int, error: BaseException | None) -> None:
+        """The queue span of every sampled request of one batch, and the batch span linked to their calls."""
+        from opentelemetry.trace import Link, Status, StatusCode, set_span_in_context
+
+        tracer, sampled = self.tracer, []
+        for span, enqueued in zip(calls, enqueued_ns):
+            if span is None or not span.is_recording():
+                continue
+            sampled.append(span)
+            tracer.start_span("queue", context=set_span_in_context(span), start_time=enqueued).end(started_ns)
+        if not sampled:
+            return
+        batch = tracer.start_span(
+            "batch", context=set_span_in_context(sampled[0]), start_time=started_ns,
+            links=[Link(s.get_span_context()) for s in sampled],
+            attributes={"batcher": name, "batch.size": units, "batch.requests": len(calls),
+                        "batch.failed_requests": failures})
+        inside = set_span_in_context(batch)
+        at = started_ns
+        for phase, seconds in zip(("preprocess", "run", "postprocess"), phases):
+            end = at + int(seconds * 1e9)
+            tracer.start_span(phase, context=inside, start_time=at).end(end)
+            at = end
+        if error is not None:
+            batch.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        batch.end(max(ended_ns, at))
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def current_call_span():
+    """The span of the call being served, or None (tracing off, or outside a call)."""
+    return call_span.get()
+
+
+def set_call_attributes(model: str, version: int, images: int) -> None:
+    span = call_span.get()
+    if span is not None and span.is_recording():
+        span.set_attributes({"model.name": model, "model.version": version, "request.images": images})
+
+
+def trace_ids() -> tuple[str, str] | None:
+    """The current call's (trace id, span id) in hex, for log lines; None outside a traced call."""
+    span = call_span.get()
+    if span is None:
+        return None
+    ctx = span.get_span_context()
+    if not ctx.is_valid:
+        return None
+    return f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
+
+
+_PROPAGATOR = None
+
+
+def _make_provider(endpoint: str, ratio: float, parent_based: bool):
+    global _PROPAGATOR
+    try:
+        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+    except ImportError as e:
+        raise RuntimeError(f"{TRACE_EXTRA_HINT} ({e})") from None
+    _PROPAGATOR = TraceContextTextMapPropagator()
+    sampler = _sampler_class()(ratio, parent_based)
+    attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: DEFAULT_SERVICE_NAME}
+    provider = TracerProvider(resource=Resource.create(attributes), sampler=sampler)
+    exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
+    if exporter_name == "otlp":
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        except ImportError as e:
+            raise RuntimeError(f"{TRACE_EXTRA_HINT} ({e})") from None
+        exporter = OTLPSpanExporter(endpoint=endpoint, insecure=not endpoint.startswith("https")) if endpoint \
+            else OTLPSpanExporter()
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    elif exporter_name == "console":
+        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+    elif exporter_name != "none":
+        raise RuntimeError(f"OTEL_TRACES_EXPORTER={exporter_name}: served are otlp, console and none")
+    return provider, sampler
+
+
+_SAMPLER_CLASS = None
+
+
+def _sampler_class():
+    """A sampler whose ratio changes at run time (TraceSetting), built on the SDK's once it is imported."""
+    global _SAMPLER_CLASS
+    if _SAMPLER_CLASS is not None:
+        return _SAMPLER_CLASS
+    from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult, TraceIdRatioBased
+    from opentelemetry.trace import get_current_span
+
+    class RuntimeSampler(Sampler):
+        """Our own child spans follow their parent; a caller's sampled flag is followed when parent-based
+        (the default); anything else is sampled by trace id at the current ratio."""
+
+        def __init__(self, ratio: float, parent_based: bool):
+            self.parent_based = parent_based
+            self.set_ratio(ratio)
+
+        def set_ratio(self, ratio: float) -> None:
+            self._ratio = TraceIdRatioBased(ratio)
+
+        def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None,
+                          trace_state=None):
+            parent = get_current_span(parent_context).get_span_context()
+            if parent.is_valid and (self.parent_based or not parent.is_remote):
+                decision = Decision.RECORD_AND_SAMPLE if parent.trace_flags.sampled else Decision.DROP
+                return SamplingResult(decision, attributes if decision is Decision.RECORD_AND_SAMPLE else None,
+                                      parent.trace_state)
+            return self._ratio.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+
+        def get_description(self) -> str:
+            return f"RuntimeSampler({self._ratio.get_description()}, parent_based={self.parent_based})"
+
+    _SAMPLER_CLASS = RuntimeSampler
+    return RuntimeSampler
