@@ -13,6 +13,7 @@ from ..wire.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from . import messages
 from .connection import Tls, aio_channel, call_metadata
 from .messages import DEFAULT_MAX_MESSAGE_BYTES, RETRYABLE, Explanation, ImageLike, ModelInfo, Prediction
+from .tracecontext import with_trace_context
 
 
 class AsyncClassifierClient:
@@ -33,7 +34,8 @@ class AsyncClassifierClient:
         for attempt in range(self.retries + 1):
             stub = self._stubs[next(self._next)]
             try:
-                return await getattr(stub, method)(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+                return await getattr(stub, method)(request, timeout=timeout_s or self.timeout_s,
+                                             metadata=with_trace_context(self._metadata))
             except grpc.aio.AioRpcError as e:
                 if e.code() not in RETRYABLE or attempt == self.retries:
                     raise
@@ -70,7 +72,7 @@ class AsyncClassifierClient:
                 yield messages.stream_request(request_id, images, model, top_k, version)
 
         stub = self._stubs[next(self._next) if target_index is None else target_index]
-        call = stub.ClassifyStream(requests(), metadata=self._metadata)
+        call = stub.ClassifyStream(requests(), metadata=with_trace_context(self._metadata))
         try:
             async for response in call:
                 slots.release()

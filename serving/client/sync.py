@@ -14,6 +14,7 @@ from ..wire.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from . import messages
 from .connection import Tls, call_metadata, channel
 from .messages import DEFAULT_MAX_MESSAGE_BYTES, RETRYABLE, Explanation, ImageLike, ModelInfo, Prediction
+from .tracecontext import with_trace_context
 
 
 class ClassifierClient:
@@ -36,7 +37,8 @@ class ClassifierClient:
         for attempt in range(self.retries + 1):
             stub = self._stubs[next(self._next)]
             try:
-                return getattr(stub, method)(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+                return getattr(stub, method)(request, timeout=timeout_s or self.timeout_s,
+                                             metadata=with_trace_context(self._metadata))
             except grpc.RpcError as e:
                 if e.code() not in RETRYABLE or attempt == self.retries:
                     raise
@@ -78,7 +80,7 @@ class ClassifierClient:
                 yield messages.stream_request(request_id, images, model, top_k, version)
 
         stub = self._stubs[next(self._next) if target_index is None else target_index]
-        call = stub.ClassifyStream(requests(), metadata=self._metadata)
+        call = stub.ClassifyStream(requests(), metadata=with_trace_context(self._metadata))
         try:
             for response in call:
                 slots.release()

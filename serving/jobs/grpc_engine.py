@@ -23,6 +23,7 @@ import grpc
 import numpy as np
 
 from ..client import RETRYABLE, AsyncClassifierClient, ModelInfo, connection
+from ..client.tracecontext import job_span
 from .errors import BatchError
 from .output import Output, WrittenWith, cam_file_name
 from .report import finish_report, summarize, unfinished, worst_mistakes
@@ -234,6 +235,13 @@ class StreamJob:
 
 
 async def run_job(args: argparse.Namespace) -> int:
+    # With OpenTelemetry configured (OTEL_* variables, the [trace] extra), the job is one span and every
+    # call of it carries its trace context.
+    with job_span("batch job", model=args.model or "", servers=args.server):
+        return await _run_job(args)
+
+
+async def _run_job(args: argparse.Namespace) -> int:
     source = open_source(args)
     targets = [t.strip() for t in args.server.split(",") if t.strip()]
     tls, token = connection.from_arguments(args)
