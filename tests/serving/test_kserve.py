@@ -241,8 +241,7 @@ def test_errors(client: tg.InferenceServerClient, case: str, code: str, words: s
 
 
 def test_unimplemented_extensions_say_so(client: tg.InferenceServerClient) -> None:
-    for call in (client.get_system_shared_memory_status, client.get_cuda_shared_memory_status,
-                 client.get_trace_settings, client.get_log_settings):
+    for call in (client.get_system_shared_memory_status, client.get_cuda_shared_memory_status):
         with pytest.raises(InferenceServerException) as e:
             call()
         assert status(e) == "StatusCode.UNIMPLEMENTED" and "not supported by this server" in e.value.message()
