@@ -123,8 +123,9 @@ class OrtSessions:
         asked = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
         if asked != self.provider and asked not in _fallback_reported:
             _fallback_reported.add(asked)
-            log.warning("%s: %s is not usable here (CUDA/cuDNN libraries missing or no GPU); running on %s",
-                        path, asked, self.provider)
+            # Once per process, not per version: the cause (no GPU, no CUDA libraries) is the machine's.
+            log.warning("%s is not usable in this process (CUDA/cuDNN libraries missing or no GPU): every model "
+                        "runs on %s", asked, self.provider)
         self.threads = threads
         self._use_binding = self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
         self._buckets: list[BucketedBinding] = []  # one per instance, with --cuda-graphs on the CUDA provider
