@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import random
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -96,7 +97,6 @@ class Tracing:
         self.on = False
         self.tracer = None
         self._provider = None
-        self._sampler = None
         self.ratio, self.parent_based = _sampler_from_environment()
         if self.config.rate:
             self.ratio = 1.0 / self.config.rate
@@ -108,7 +108,7 @@ class Tracing:
     def enable(self) -> None:
         """Start (or resume) tracing; RuntimeError when the SDK is not installed."""
         if self._provider is None:
-            self._provider, self._sampler = _make_provider(self.config.endpoint, self.ratio, self.parent_based)
+            self._provider = _make_provider(self.config.endpoint)
             self.tracer = self._provider.get_tracer("serving.server")
         self.on = True
 
@@ -117,8 +117,6 @@ class Tracing:
 
     def set_ratio(self, ratio: float) -> None:
         self.ratio = min(max(ratio, 0.0), 1.0)
-        if self._sampler is not None:
-            self._sampler.set_ratio(self.ratio)
 
     def reset_ratio(self) -> None:
         self.set_ratio(self._start_ratio)
@@ -137,14 +135,23 @@ class Tracing:
 
     # -- spans of a call -------------------------------------------------------------------------------
     def start_call(self, method: str, metadata: Sequence[tuple[str, str | bytes]] | None):
-        """The server span of one call, continuing the caller's traceparent; None when tracing is off."""
+        """The server span of one call, continuing the caller's traceparent; None when tracing is off or the
+        call is not sampled. The sampling is decided here, before the SDK is asked for anything, so an
+        unsampled call costs a metadata scan and a random number: at 1% the other 99% make no span at all."""
         from opentelemetry.trace import SpanKind
 
-        parent = None
-        if metadata:
-            carrier = {k: v for k, v in metadata if k in ("traceparent", "tracestate") and isinstance(v, str)}
-            if carrier:
-                parent = _PROPAGATOR.extract(carrier)
+        carrier = None
+        for key, value in metadata or ():
+            if key in ("traceparent", "tracestate") and isinstance(value, str):
+                carrier = carrier or {}
+                carrier[key] = value
+        parent = _PROPAGATOR.extract(carrier) if carrier else None
+        remote = get_current_span(parent).get_span_context() if parent is not None else None
+        if remote is not None and remote.is_valid and self.parent_based:
+            if not remote.trace_flags.sampled:  # the caller decided: not sampled
+                return None
+        elif self.ratio < 1.0 and random.random() >= self.ratio:
+            return None
         return self.tracer.start_span(method, context=parent, kind=SpanKind.SERVER,
                                       attributes={"rpc.system": "grpc", "rpc.method": method})
 
@@ -174,7 +181,7 @@ class Tracing:
 
         tracer, sampled = self.tracer, []
         for span, enqueued in zip(calls, enqueued_ns):
-            if span is None or not span.is_recording():
+            if span is None:  # not traced (captured only when sampled; it may have ended since: a cancelled caller)
                 continue
             sampled.append(span)
             tracer.start_span("queue", context=set_span_in_context(span), start_time=enqueued).end(started_ns)
@@ -225,68 +232,38 @@ def trace_ids() -> tuple[str, str] | None:
 _PROPAGATOR = None
 
 
-def _make_provider(endpoint: str, ratio: float, parent_based: bool):
+get_current_span = None  # opentelemetry.trace's, once tracing is first switched on
+
+
+def _make_provider(endpoint: str):
     global _PROPAGATOR
     try:
         from opentelemetry.sdk.resources import SERVICE_NAME, Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+        from opentelemetry.sdk.trace.sampling import ALWAYS_ON
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
     except ImportError as e:
         raise RuntimeError(f"{TRACE_EXTRA_HINT} ({e})") from None
     _PROPAGATOR = TraceContextTextMapPropagator()
-    sampler = _sampler_class()(ratio, parent_based)
+    global get_current_span
+    from opentelemetry.trace import get_current_span
+    # Every span asked for is recorded: a call's sampling is decided in start_call, and the spans of its
+    # queue wait and batch exist only for sampled calls.
+    sampler = ALWAYS_ON
     attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: DEFAULT_SERVICE_NAME}
     provider = TracerProvider(resource=Resource.create(attributes), sampler=sampler)
     exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
     if exporter_name == "otlp":
         try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            from .span_encoding import FastOTLPSpanExporter
         except ImportError as e:
             raise RuntimeError(f"{TRACE_EXTRA_HINT} ({e})") from None
-        exporter = OTLPSpanExporter(endpoint=endpoint, insecure=not endpoint.startswith("https")) if endpoint \
-            else OTLPSpanExporter()
+        exporter = FastOTLPSpanExporter(endpoint=endpoint, insecure=not endpoint.startswith("https")) if endpoint \
+            else FastOTLPSpanExporter()
         provider.add_span_processor(BatchSpanProcessor(exporter))
     elif exporter_name == "console":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     elif exporter_name != "none":
         raise RuntimeError(f"OTEL_TRACES_EXPORTER={exporter_name}: served are otlp, console and none")
-    return provider, sampler
-
-
-_SAMPLER_CLASS = None
-
-
-def _sampler_class():
-    """A sampler whose ratio changes at run time (TraceSetting), built on the SDK's once it is imported."""
-    global _SAMPLER_CLASS
-    if _SAMPLER_CLASS is not None:
-        return _SAMPLER_CLASS
-    from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult, TraceIdRatioBased
-    from opentelemetry.trace import get_current_span
-
-    class RuntimeSampler(Sampler):
-        """Our own child spans follow their parent; a caller's sampled flag is followed when parent-based
-        (the default); anything else is sampled by trace id at the current ratio."""
-
-        def __init__(self, ratio: float, parent_based: bool):
-            self.parent_based = parent_based
-            self.set_ratio(ratio)
-
-        def set_ratio(self, ratio: float) -> None:
-            self._ratio = TraceIdRatioBased(ratio)
-
-        def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None,
-                          trace_state=None):
-            parent = get_current_span(parent_context).get_span_context()
-            if parent.is_valid and (self.parent_based or not parent.is_remote):
-                decision = Decision.RECORD_AND_SAMPLE if parent.trace_flags.sampled else Decision.DROP
-                return SamplingResult(decision, attributes if decision is Decision.RECORD_AND_SAMPLE else None,
-                                      parent.trace_state)
-            return self._ratio.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
-
-        def get_description(self) -> str:
-            return f"RuntimeSampler({self._ratio.get_description()}, parent_based={self.parent_based})"
-
-    _SAMPLER_CLASS = RuntimeSampler
-    return RuntimeSampler
+    return provider

@@ -162,3 +162,38 @@ def test_trace_setting_switches_tracing_and_sampling_at_run_time_admin_only(smal
     assert len(calls) == 2
     # The settings calls themselves are traced while tracing is on (the one switching it on is not).
     assert {s.name for s in receiver.spans} >= {CLASSIFY, "queue", "batch", "inference.GRPCInferenceService/TraceSetting"}
+
+
+def test_the_fast_encoder_gives_the_sdk_encoders_message(monkeypatch):
+    # Spans of every shape the server makes (a caller's remote parent with trace state, an error status, a
+    # batch with links and phases, each attribute type), made by the server's own Tracing.
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from serving.server.span_encoding import encode
+    from serving.server.tracing import Tracing, call_span
+
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")  # the spans are kept in memory here, not sent
+    tracing = Tracing(TraceConfig(enabled=True))
+    memory = InMemorySpanExporter()
+    tracing._provider.add_span_processor(SimpleSpanProcessor(memory))
+    try:
+        calls = []
+        for i, code in enumerate(("OK", "INVALID_ARGUMENT", "OK")):
+            metadata = ((("traceparent", f"00-{i + 1:032x}-{i + 7:016x}-01"), ("tracestate", "vendor=abc"))
+                        if i == 0 else ())
+            span = tracing.start_call(CLASSIFY, metadata)
+            token = call_span.set(span)
+            span.set_attributes({"model.name": "fmnist", "model.version": 3, "score": 0.5, "cam": True,
+                                 "label": "naïve ✓"})
+            call_span.reset(token)
+            calls.append(span)
+            tracing.end_call(span, code, "bad image" if code != "OK" else "")
+        tracing.batch_ran("fmnist:3", calls, [10, 20, 30], 40, 90, 4, (0.00001, 0.00002, 0.00001), 1,
+                          RuntimeError("boom"))
+        spans = memory.get_finished_spans()
+        assert len(spans) == 3 + 3 + 1 + 3  # calls, queue waits, the batch, its phases
+        assert encode(spans) == encode_spans(spans)
+    finally:
+        tracing.shutdown()
