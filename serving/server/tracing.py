@@ -108,8 +108,10 @@ class Tracing:
     def enable(self) -> None:
         """Start (or resume) tracing; RuntimeError when the SDK is not installed."""
         if self._provider is None:
-            self._provider = _make_provider(self.config.endpoint)
+            self._provider, self._processors = _make_provider(self.config.endpoint)
             self.tracer = self._provider.get_tracer("serving.server")
+            from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+            self._resource, self._scope = self._provider.resource, InstrumentationScope("serving.server")
         self.on = True
 
     def disable(self) -> None:
@@ -176,31 +178,47 @@ class Tracing:
 
     def batch_ran(self, name: str, calls: Sequence, enqueued_ns: Sequence[int], started_ns: int, ended_ns: int,
                   units: int, phases: tuple[float, float, float], failures: int, error: BaseException | None) -> None:
-        """The queue span of every sampled request of one batch, and the batch span linked to their calls."""
-        from opentelemetry.trace import Link, Status, StatusCode, set_span_in_context
+        """The queue span of every sampled request of one batch, and the batch span linked to their calls.
 
-        tracer, sampled = self.tracer, []
+        These spans are over when they are made (their timestamps are the batcher's), so they are built as
+        finished spans and handed to the exporter directly: a live SDK span (sampler, locks, attribute
+        checks) would cost several times more, per request, for nothing."""
+        from opentelemetry.sdk.trace import ReadableSpan
+        from opentelemetry.trace import Link, SpanContext, Status, StatusCode
+
+        finish, resource, scope, bits = self._finish, self._resource, self._scope, random.getrandbits
+        sampled = []
         for span, enqueued in zip(calls, enqueued_ns):
             if span is None:  # not traced (captured only when sampled; it may have ended since: a cancelled caller)
                 continue
-            sampled.append(span)
-            tracer.start_span("queue", context=set_span_in_context(span), start_time=enqueued).end(started_ns)
+            call = span.get_span_context()
+            sampled.append(call)
+            finish(ReadableSpan("queue", SpanContext(call.trace_id, bits(64), False, _SAMPLED), call, resource,
+                                start_time=enqueued, end_time=started_ns, instrumentation_scope=scope))
         if not sampled:
             return
-        batch = tracer.start_span(
-            "batch", context=set_span_in_context(sampled[0]), start_time=started_ns,
-            links=[Link(s.get_span_context()) for s in sampled],
-            attributes={"batcher": name, "batch.size": units, "batch.requests": len(calls),
-                        "batch.failed_requests": failures})
-        inside = set_span_in_context(batch)
+        first = sampled[0]
+        batch = SpanContext(first.trace_id, bits(64), False, _SAMPLED)
         at = started_ns
         for phase, seconds in zip(("preprocess", "run", "postprocess"), phases):
             end = at + int(seconds * 1e9)
-            tracer.start_span(phase, context=inside, start_time=at).end(end)
+            finish(ReadableSpan(phase, SpanContext(first.trace_id, bits(64), False, _SAMPLED), batch, resource,
+                                start_time=at, end_time=end, instrumentation_scope=scope))
             at = end
-        if error is not None:
-            batch.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
-        batch.end(max(ended_ns, at))
+        status = Status(StatusCode.ERROR, f"{type(error).__name__}: {error}") if error is not None else _UNSET
+        finish(ReadableSpan("batch", batch, first, resource, links=[Link(c) for c in sampled], status=status,
+                            attributes={"batcher": name, "batch.size": units, "batch.requests": len(calls),
+                                        "batch.failed_requests": failures},
+                            start_time=started_ns, end_time=max(ended_ns, at), instrumentation_scope=scope))
+
+    def add_span_processor(self, processor) -> None:
+        """Another destination for every span (tests keep them in memory)."""
+        self._provider.add_span_processor(processor)
+        self._processors.append(processor)
+
+    def _finish(self, span) -> None:
+        for processor in self._processors:
+            processor.on_end(span)
 
 
 def now_ns() -> int:
@@ -233,6 +251,7 @@ _PROPAGATOR = None
 
 
 get_current_span = None  # opentelemetry.trace's, once tracing is first switched on
+_SAMPLED = _UNSET = None  # TraceFlags(SAMPLED) and Status(UNSET), once tracing is first switched on
 
 
 def _make_provider(endpoint: str):
@@ -246,8 +265,9 @@ def _make_provider(endpoint: str):
     except ImportError as e:
         raise RuntimeError(f"{TRACE_EXTRA_HINT} ({e})") from None
     _PROPAGATOR = TraceContextTextMapPropagator()
-    global get_current_span
-    from opentelemetry.trace import get_current_span
+    global get_current_span, _SAMPLED, _UNSET
+    from opentelemetry.trace import Status, StatusCode, TraceFlags, get_current_span
+    _SAMPLED, _UNSET = TraceFlags(TraceFlags.SAMPLED), Status(StatusCode.UNSET)
     # Every span asked for is recorded: a call's sampling is decided in start_call, and the spans of its
     # queue wait and batch exist only for sampled calls.
     sampler = ALWAYS_ON
@@ -261,9 +281,13 @@ def _make_provider(endpoint: str):
             raise RuntimeError(f"{TRACE_EXTRA_HINT} ({e})") from None
         exporter = FastOTLPSpanExporter(endpoint=endpoint, insecure=not endpoint.startswith("https")) if endpoint \
             else FastOTLPSpanExporter()
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+        processors = [BatchSpanProcessor(exporter)]
     elif exporter_name == "console":
-        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
-    elif exporter_name != "none":
+        processors = [BatchSpanProcessor(ConsoleSpanExporter())]
+    elif exporter_name == "none":
+        processors = []
+    else:
         raise RuntimeError(f"OTEL_TRACES_EXPORTER={exporter_name}: served are otlp, console and none")
-    return provider
+    for processor in processors:
+        provider.add_span_processor(processor)
+    return provider, processors

@@ -177,7 +177,7 @@ def test_the_fast_encoder_gives_the_sdk_encoders_message(monkeypatch):
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")  # the spans are kept in memory here, not sent
     tracing = Tracing(TraceConfig(enabled=True))
     memory = InMemorySpanExporter()
-    tracing._provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracing.add_span_processor(SimpleSpanProcessor(memory))
     try:
         calls = []
         for i, code in enumerate(("OK", "INVALID_ARGUMENT", "OK")):
