@@ -109,7 +109,7 @@ class Tracing:
         """Start (or resume) tracing; RuntimeError when the SDK is not installed."""
         if self._provider is None:
             self._provider, self._processors = _make_provider(self.config.endpoint)
-            self.tracer = self._provider.get_tracer("serving.server")
+            self.tracer = self._provider.get_tracer("serving.server")  # for spans of code outside a call
             from opentelemetry.sdk.util.instrumentation import InstrumentationScope
             self._resource, self._scope = self._provider.resource, InstrumentationScope("serving.server")
         self.on = True
@@ -136,45 +136,46 @@ class Tracing:
             self._provider = None
 
     # -- spans of a call -------------------------------------------------------------------------------
-    def start_call(self, method: str, metadata: Sequence[tuple[str, str | bytes]] | None):
+    def start_call(self, method: str, metadata: Sequence[tuple[str, str | bytes]] | None) -> CallSpan | None:
         """The server span of one call, continuing the caller's traceparent; None when tracing is off or the
-        call is not sampled. The sampling is decided here, before the SDK is asked for anything, so an
-        unsampled call costs a metadata scan and a random number: at 1% the other 99% make no span at all."""
-        from opentelemetry.trace import SpanKind
-
+        call is not sampled. The sampling is decided here, before anything else is made, so an unsampled
+        call costs a metadata scan and a random number: at 1% the other 99% make no span at all."""
         carrier = None
         for key, value in metadata or ():
             if key in ("traceparent", "tracestate") and isinstance(value, str):
                 carrier = carrier or {}
                 carrier[key] = value
-        parent = _PROPAGATOR.extract(carrier) if carrier else None
-        remote = get_current_span(parent).get_span_context() if parent is not None else None
-        if remote is not None and remote.is_valid and self.parent_based:
-            if not remote.trace_flags.sampled:  # the caller decided: not sampled
+        parent = get_current_span(_PROPAGATOR.extract(carrier)).get_span_context() if carrier else None
+        if parent is not None and not parent.is_valid:
+            parent = None
+        if parent is not None and self.parent_based:
+            if not parent.trace_flags.sampled:  # the caller decided: not sampled
                 return None
         elif self.ratio < 1.0 and random.random() >= self.ratio:
             return None
-        return self.tracer.start_span(method, context=parent, kind=SpanKind.SERVER,
-                                      attributes={"rpc.system": "grpc", "rpc.method": method})
+        trace_id = parent.trace_id if parent is not None else (random.getrandbits(128) or 1)
+        state = parent.trace_state if parent is not None else None
+        return CallSpan(method, SpanContext(trace_id, random.getrandbits(64) or 1, False, _SAMPLED, state), parent,
+                        time.time_ns())
 
-    def end_call(self, span, code: str, details: str | bytes | None = "") -> None:
+    def end_call(self, span: CallSpan, code: str, details: str | bytes | None = "") -> None:
         """End a call's span with its gRPC status; any status but OK marks it an error."""
-        from opentelemetry.trace import Status, StatusCode
-
-        span.set_attribute("rpc.grpc.status_code", code)
+        status = _UNSET
         if code != "OK":
             if isinstance(details, bytes):
                 details = details.decode("utf-8", "replace")
-            span.set_status(Status(StatusCode.ERROR, f"{code}: {details or ''}".rstrip(": ")))
-        span.end()
+            status = Status(StatusCode.ERROR, f"{code}: {details or ''}".rstrip(": "))
+        attributes = {"rpc.system": "grpc", "rpc.method": span.name, **span.attributes, "rpc.grpc.status_code": code}
+        self._finish(ReadableSpan(span.name, span.context, span.parent, self._resource, attributes,
+                                  kind=SpanKind.SERVER, status=status, start_time=span.start_ns,
+                                  end_time=time.time_ns(), instrumentation_scope=self._scope))
 
     # -- spans of a batch (the batcher's tracer hook) --------------------------------------------------
     def capture(self):
         """At submit: the call's span when it is traced and sampled, else None (the batcher then does nothing)."""
         if not self.on:
             return None
-        span = call_span.get()
-        return span if span is not None and span.is_recording() else None
+        return call_span.get()
 
     def batch_ran(self, name: str, calls: Sequence, enqueued_ns: Sequence[int], started_ns: int, ended_ns: int,
                   units: int, phases: tuple[float, float, float], failures: int, error: BaseException | None) -> None:
@@ -183,15 +184,12 @@ class Tracing:
         These spans are over when they are made (their timestamps are the batcher's), so they are built as
         finished spans and handed to the exporter directly: a live SDK span (sampler, locks, attribute
         checks) would cost several times more, per request, for nothing."""
-        from opentelemetry.sdk.trace import ReadableSpan
-        from opentelemetry.trace import Link, SpanContext, Status, StatusCode
-
         finish, resource, scope, bits = self._finish, self._resource, self._scope, random.getrandbits
         sampled = []
         for span, enqueued in zip(calls, enqueued_ns):
             if span is None:  # not traced (captured only when sampled; it may have ended since: a cancelled caller)
                 continue
-            call = span.get_span_context()
+            call = span.context
             sampled.append(call)
             finish(ReadableSpan("queue", SpanContext(call.trace_id, bits(64), False, _SAMPLED), call, resource,
                                 start_time=enqueued, end_time=started_ns, instrumentation_scope=scope))
@@ -232,8 +230,8 @@ def current_call_span():
 
 def set_call_attributes(model: str, version: int, images: int) -> None:
     span = call_span.get()
-    if span is not None and span.is_recording():
-        span.set_attributes({"model.name": model, "model.version": version, "request.images": images})
+    if span is not None:
+        span.attributes.update({"model.name": model, "model.version": version, "request.images": images})
 
 
 def trace_ids() -> tuple[str, str] | None:
@@ -241,17 +239,25 @@ def trace_ids() -> tuple[str, str] | None:
     span = call_span.get()
     if span is None:
         return None
-    ctx = span.get_span_context()
-    if not ctx.is_valid:
-        return None
-    return f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
+    return f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}"
 
 
 _PROPAGATOR = None
 
 
-get_current_span = None  # opentelemetry.trace's, once tracing is first switched on
-_SAMPLED = _UNSET = None  # TraceFlags(SAMPLED) and Status(UNSET), once tracing is first switched on
+class CallSpan:
+    """A call's span while the call runs: its context (what logs, the batcher and the batch's links read), its
+    parent, start and attributes. It becomes an SDK span, finished, when the call ends (`end_call`): a live
+    SDK span (sampler, locks, checks on every attribute) cost about 4 times as much per call."""
+    __slots__ = ("name", "context", "parent", "start_ns", "attributes")
+
+    def __init__(self, name: str, context, parent, start_ns: int):
+        self.name, self.context, self.parent, self.start_ns, self.attributes = name, context, parent, start_ns, {}
+
+
+# OpenTelemetry's names, bound when tracing is first switched on (the base install has none of them).
+get_current_span = SpanContext = ReadableSpan = Link = Status = StatusCode = SpanKind = None
+_SAMPLED = _UNSET = None  # TraceFlags(SAMPLED) and Status(UNSET)
 
 
 def _make_provider(endpoint: str):
@@ -265,8 +271,9 @@ def _make_provider(endpoint: str):
     except ImportError as e:
         raise RuntimeError(f"{TRACE_EXTRA_HINT} ({e})") from None
     _PROPAGATOR = TraceContextTextMapPropagator()
-    global get_current_span, _SAMPLED, _UNSET
-    from opentelemetry.trace import Status, StatusCode, TraceFlags, get_current_span
+    global get_current_span, SpanContext, ReadableSpan, Link, Status, StatusCode, SpanKind, _SAMPLED, _UNSET
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, get_current_span
     _SAMPLED, _UNSET = TraceFlags(TraceFlags.SAMPLED), Status(StatusCode.UNSET)
     # Every span asked for is recorded: a call's sampling is decided in start_call, and the spans of its
     # queue wait and batch exist only for sampled calls.

@@ -185,8 +185,8 @@ def test_the_fast_encoder_gives_the_sdk_encoders_message(monkeypatch):
                         if i == 0 else ())
             span = tracing.start_call(CLASSIFY, metadata)
             token = call_span.set(span)
-            span.set_attributes({"model.name": "fmnist", "model.version": 3, "score": 0.5, "cam": True,
-                                 "label": "naïve ✓"})
+            span.attributes.update({"model.name": "fmnist", "model.version": 3, "score": 0.5, "cam": True,
+                                    "label": "naïve ✓"})
             call_span.reset(token)
             calls.append(span)
             tracing.end_call(span, code, "bad image" if code != "OK" else "")
