@@ -81,9 +81,10 @@ def test_a_batched_run_links_each_call_from_exactly_one_batch(small_repo):
         assert b.attributes["batch.requests"] == len(b.links)
         # The batch is a child of one call it served (so that call's trace shows it), phases inside it.
         assert (b.trace_id, b.parent_span_id) in {(c.trace_id, c.span_id) for c in calls if (c.trace_id, c.span_id) in b.links}
-        phases = sorted((s for s in spans if s.parent_span_id == b.span_id), key=lambda s: s.start_ns)
-        assert [p.name for p in phases] == ["preprocess", "run", "postprocess"]
-        assert b.start_ns <= phases[0].start_ns and phases[-1].end_ns <= b.end_ns
+        # Its phases (decode, onnxruntime, softmax and ranking) are in it, as durations.
+        phases = [b.attributes[f"batch.{p}.duration_s"] for p in ("preprocess", "run", "postprocess")]
+        assert all(p >= 0 for p in phases) and phases[1] > 0
+        assert sum(phases) * 1e9 <= b.end_ns - b.start_ns + 1000
     assert linked == {c.span_id: 1 for c in calls}
     assert len(batches) < CALLERS, "the concurrent callers were not batched together"
 
@@ -193,7 +194,7 @@ def test_the_fast_encoder_gives_the_sdk_encoders_message(monkeypatch):
         tracing.batch_ran("fmnist:3", calls, [10, 20, 30], 40, 90, 4, (0.00001, 0.00002, 0.00001), 1,
                           RuntimeError("boom"))
         spans = memory.get_finished_spans()
-        assert len(spans) == 3 + 3 + 1 + 3  # calls, queue waits, the batch, its phases
+        assert len(spans) == 3 + 3 + 1  # calls, queue waits, the batch
         assert encode(spans) == encode_spans(spans)
     finally:
         tracing.shutdown()
