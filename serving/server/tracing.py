@@ -287,11 +287,15 @@ def _make_provider(endpoint: str):
     exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
     if exporter_name == "otlp":
         try:
-            from .span_encoding import FastOTLPSpanExporter
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         except ImportError as e:
             raise RuntimeError(f"{TRACE_EXTRA_HINT} ({e})") from None
-        exporter = FastOTLPSpanExporter(endpoint=endpoint, insecure=not endpoint.startswith("https")) if endpoint \
-            else FastOTLPSpanExporter()
+        try:  # the same exporter with a faster encoder, built on the exporter's internal helpers
+            from .span_encoding import FastOTLPSpanExporter as OTLPSpanExporter  # noqa: F811
+        except ImportError:  # an exporter release that moved them: its own encoder then
+            pass
+        exporter = OTLPSpanExporter(endpoint=endpoint, insecure=not endpoint.startswith("https")) if endpoint \
+            else OTLPSpanExporter()
         processors = [BatchSpanProcessor(exporter)]
     elif exporter_name == "console":
         processors = [BatchSpanProcessor(ConsoleSpanExporter())]
