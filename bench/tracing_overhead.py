@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=5.0, help="duration of each measurement")
     p.add_argument("--baseline-checkout", default="", help="another checkout (e.g. the one before tracing): its "
                    "server is measured too, as 'before'")
+    p.add_argument("--unexported", action="store_true", help="also a server tracing at 100%% that exports nothing "
+                   "(OTEL_TRACES_EXPORTER=none)")
     p.add_argument("--work-dir", help="where the exported model is cached")
     p.add_argument(RECEIVER_FLAG, action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -90,14 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     serve = ["-m", "serving", "serve", "--model-repository", str(repo), "--port", "0", "--device", "cpu",
              "--log-level", "WARNING", "--max-batch-size", "256"]
     env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{receiver_addr}", "OTEL_SERVICE_NAME": "bench"}
-    modes = {"off": (ROOT, serve), "1%": (ROOT, serve + ["--trace", "--trace-config", "rate=100"]),
-             "100%": (ROOT, serve + ["--trace"])}
+    # mode -> (checkout, command, extra environment)
+    modes = {"off": (ROOT, serve, {}), "1%": (ROOT, serve + ["--trace", "--trace-config", "rate=100"], {}),
+             "100%": (ROOT, serve + ["--trace"], {})}
+    if args.unexported:  # spans made but not exported: what making them costs, apart from encoding and sending
+        modes["100%, not exported"] = (ROOT, serve + ["--trace"], {"OTEL_TRACES_EXPORTER": "none"})
     if args.baseline_checkout:
-        modes = {"before": (Path(args.baseline_checkout), serve), **modes}
+        modes = {"before": (Path(args.baseline_checkout), serve, {}), **modes}
     servers = {}
     try:
-        for mode, (cwd, command) in modes.items():
-            servers[mode] = start(command, cwd, {**env, "PYTHONPATH": str(cwd)})
+        for mode, (cwd, command, extra) in modes.items():
+            servers[mode] = start(command, cwd, {**env, "PYTHONPATH": str(cwd), **extra})
         payload = _request("small", 1, 28, 1)
         results: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
         order = list(modes)
@@ -110,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 res = asyncio.run(drive(addr, "/classifier.v1.Classifier/Classify", payload, 1, args.clients,
                                         args.seconds, proc.pid))
                 results[mode].append((res.requests_per_s, res.server_cpu_ms or float("nan")))
-                print(f"round {r + 1} {mode:>6}: {res.requests_per_s:8.0f} req/s, server "
+                print(f"round {r + 1} {mode:>18}: {res.requests_per_s:8.0f} req/s, server "
                       f"{res.server_cpu_ms:.3f} ms CPU/request, errors {res.errors}", file=sys.stderr, flush=True)
     finally:
         for proc, _ in servers.values():
