@@ -12,7 +12,6 @@ give the same message.
 from __future__ import annotations
 
 import struct
-import time
 from collections.abc import Sequence
 
 from opentelemetry.exporter.otlp.proto.common._internal import _encode_instrumentation_scope, _encode_resource
@@ -28,7 +27,6 @@ _FLAGS_HAS_IS_REMOTE, _FLAGS_IS_REMOTE = 0x100, 0x200  # SpanFlags: the parent's
 # that do not repeat (a caller's model name) cannot grow it without end; floats (durations) are not kept.
 _ATTRIBUTES: dict[tuple, bytes] = {}
 _CACHED = 4096
-_YIELD_EVERY = 16  # spans encoded between two offers of the GIL (about 0.2 ms of work)
 
 
 def _varint(n: int) -> bytes:
@@ -104,11 +102,7 @@ def _span(s: ReadableSpan) -> bytes | None:
 def encode(spans: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
     """The export request for `spans`, as the SDK's encode_spans would make it."""
     groups: dict = {}
-    for i, s in enumerate(spans):
-        if i % _YIELD_EVERY == _YIELD_EVERY - 1:
-            # Let the event loop have the GIL: a thread that keeps it for the whole switch interval (5 ms)
-            # each time the loop lets go of it (every epoll, every gRPC call into C) slows every call.
-            time.sleep(0)
+    for s in spans:
         body = _span(s)
         if body is None:
             return encode_spans(spans)
