@@ -99,9 +99,13 @@ class Tracing:
     def __init__(self, config: TraceConfig | None = None):
         self.config = config or TraceConfig()
         self.on = False
-        self.tracer = None
-        self._provider = None
-        self.ratio, self.parent_based = _sampler_from_environment()
+        self.provider = None  # the SDK's TracerProvider, once tracing was switched on
+        try:
+            self.ratio, self.parent_based = _sampler_from_environment()
+        except ValueError:
+            if self.config.enabled:
+                raise
+            self.ratio, self.parent_based = 1.0, True  # off: an unknown sampler stops nothing
         if self.config.rate:
             self.ratio = 1.0 / self.config.rate
         self._start_ratio = self.ratio
@@ -111,11 +115,10 @@ class Tracing:
     # -- switching -------------------------------------------------------------------------------------
     def enable(self) -> None:
         """Start (or resume) tracing; RuntimeError when the SDK is not installed."""
-        if self._provider is None:
-            self._provider, self._processors = _make_provider(self.config.endpoint)
-            self.tracer = self._provider.get_tracer("serving.server")  # for spans of code outside a call
+        if self.provider is None:
+            self.provider, self._processors = _make_provider(self.config.endpoint)
             from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-            self._resource, self._scope = self._provider.resource, InstrumentationScope("serving.server")
+            self._resource, self._scope = self.provider.resource, InstrumentationScope("serving.server")
         self.on = True
 
     def disable(self) -> None:
@@ -135,9 +138,9 @@ class Tracing:
     def shutdown(self) -> None:
         """Export what is buffered and stop the exporter."""
         self.on = False
-        if self._provider is not None:
-            self._provider.shutdown()
-            self._provider = None
+        if self.provider is not None:
+            self.provider.shutdown()
+            self.provider = None
 
     # -- spans of a call -------------------------------------------------------------------------------
     def start_call(self, method: str, metadata: Sequence[tuple[str, str | bytes]] | None) -> CallSpan | None:
@@ -215,7 +218,7 @@ class Tracing:
 
     def add_span_processor(self, processor) -> None:
         """Another destination for every span (tests keep them in memory)."""
-        self._provider.add_span_processor(processor)
+        self.provider.add_span_processor(processor)
         self._processors.append(processor)
 
     def _finish(self, span) -> None:

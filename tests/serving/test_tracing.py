@@ -116,7 +116,7 @@ def test_with_tracing_off_no_span_is_made_and_nothing_exported(small_repo, monke
         with running_server(small_repo, batching_overrides=BATCHING) as server:
             call_concurrently(server.address, 4, lambda i: [np.zeros((28, 28), np.uint8)])
             tracing = server.server.tracing
-            assert not tracing.on and tracing.tracer is None  # no SDK tracer: no span can have been made
+            assert not tracing.on and tracing.provider is None  # no SDK provider: no span can have been made
     assert receiver.spans == [] and receiver.exports == 0
 
 
