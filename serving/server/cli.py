@@ -158,7 +158,9 @@ def apply_environment(parser: argparse.ArgumentParser, environ: dict[str, str]) 
         if name not in environ:
             continue
         raw = environ[name].strip()
-        if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+        if isinstance(action, argparse._AppendAction):  # a repeatable flag: its values apart by spaces
+            value = raw.split()
+        elif isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
             if raw.lower() not in _TRUE | _FALSE:
                 parser.error(f"{name}={raw!r}: use 1/true/yes or 0/false/no")
             value = raw.lower() in _TRUE

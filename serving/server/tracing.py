@@ -52,8 +52,6 @@ class TraceConfig:
         """Triton-like `--trace-config` settings: `level=OFF|TIMESTAMPS`, `rate=N`, `mode=opentelemetry`,
         `opentelemetry,url=HOST:PORT` (or `url=`). Raises ValueError naming a bad one."""
         config = cls(enabled=enabled)
-        if isinstance(settings, str):  # from CNN_SERVING_TRACE_CONFIG: settings apart by spaces
-            settings = settings.split()
         for setting in settings:
             key, sep, value = setting.partition("=")
             key = key.strip().lower().removeprefix("opentelemetry,")

@@ -198,3 +198,23 @@ def test_the_fast_encoder_gives_the_sdk_encoders_message(monkeypatch):
         assert encode(spans) == encode_spans(spans)
     finally:
         tracing.shutdown()
+
+
+def test_trace_flags_parse_as_tritons_and_from_their_variables():
+    import argparse
+
+    from serving.server import cli
+
+    assert TraceConfig.parse(["level=TIMESTAMPS", "rate=100", "mode=opentelemetry",
+                              "opentelemetry,url=collector:4317"]) == TraceConfig(True, 100, "collector:4317")
+    assert TraceConfig.parse(["level=OFF"], enabled=True).enabled is False
+    for bad, words in (("rate=0", "N >= 1"), ("level=TENSORS", "OFF or TIMESTAMPS"), ("mode=triton", "opentelemetry"),
+                       ("rate", "key=value"), ("file=x", "unknown")):
+        with pytest.raises(ValueError, match=words):
+            TraceConfig.parse([bad])
+    # A repeatable flag from its variable: the settings apart by spaces; the command line adds to them.
+    parser = argparse.ArgumentParser()
+    cli._serve_args(parser)
+    cli.apply_environment(parser, {"CNN_SERVING_TRACE_CONFIG": "rate=10 level=TIMESTAMPS", "CNN_SERVING_LOG_LEVEL": "debug"})
+    args = parser.parse_args(["--trace-config", "url=c:4317"])
+    assert cli._server_options(args).trace == TraceConfig(True, 10, "c:4317") and args.log_level == "DEBUG"
