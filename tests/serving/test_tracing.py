@@ -218,3 +218,26 @@ def test_trace_flags_parse_as_tritons_and_from_their_variables():
     cli.apply_environment(parser, {"CNN_SERVING_TRACE_CONFIG": "rate=10 level=TIMESTAMPS", "CNN_SERVING_LOG_LEVEL": "debug"})
     args = parser.parse_args(["--trace-config", "url=c:4317"])
     assert cli._server_options(args).trace == TraceConfig(True, 10, "c:4317") and args.log_level == "DEBUG"
+
+
+def test_the_async_client_inside_a_batch_job_span_joins_the_jobs_trace(small_repo, monkeypatch):
+    # The batch job's span (job_span, configured by the standard variables) and the asyncio client's calls
+    # inside it: the server's call spans carry the job's trace id, and the job's span reaches the receiver.
+    import asyncio
+
+    from serving.client import AsyncClassifierClient
+    from serving.client.tracecontext import job_span
+
+    with OtlpReceiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        with running_server(small_repo, trace=TraceConfig(enabled=True)) as server:
+            async def job() -> None:
+                async with AsyncClassifierClient(server.address) as client:
+                    await asyncio.gather(*(client.classify([np.zeros((28, 28), np.uint8)]) for _ in range(3)))
+
+            with job_span("batch job", model="fmnist"):
+                asyncio.run(job())
+    (job,) = [s for s in receiver.spans if s.name == "batch job"]
+    calls = [s for s in receiver.spans if s.name == CLASSIFY]
+    assert job.service == "cnn-serving-job" and job.attributes["model"] == "fmnist"
+    assert len(calls) == 3 and {(c.trace_id, c.parent_span_id) for c in calls} == {(job.trace_id, job.span_id)}
