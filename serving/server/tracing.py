@@ -224,15 +224,6 @@ class Tracing:
             processor.on_end(span)
 
 
-def now_ns() -> int:
-    return time.time_ns()
-
-
-def current_call_span():
-    """The span of the call being served, or None (tracing off, or outside a call)."""
-    return call_span.get()
-
-
 def set_call_attributes(model: str, version: int, images: int) -> None:
     span = call_span.get()
     if span is not None:
