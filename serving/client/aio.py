@@ -12,7 +12,15 @@ from ..wire.classifier.v1 import classifier_pb2 as pb
 from ..wire.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from . import messages
 from .connection import Tls, aio_channel, call_metadata
-from .messages import DEFAULT_MAX_MESSAGE_BYTES, RETRYABLE, Explanation, ImageLike, ModelInfo, Prediction
+from .messages import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    RETRYABLE,
+    Explanation,
+    ImageLike,
+    ModelInfo,
+    Prediction,
+    StreamResult,
+)
 
 
 class AsyncClassifierClient:
@@ -36,7 +44,7 @@ class AsyncClassifierClient:
                 return await getattr(stub, method)(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
             except grpc.aio.AioRpcError as e:
                 if e.code() not in RETRYABLE or attempt == self.retries:
-                    raise
+                    raise messages.client_error(e) from None  # typed: NotFound, InvalidArgument, ...
                 await asyncio.sleep(delay)
                 delay *= 2
 
@@ -59,15 +67,30 @@ class AsyncClassifierClient:
 
     async def classify_stream(self, batches: AsyncIterator[tuple[str, Sequence[ImageLike]]] | Iterable,
                               model: str = "", top_k: int = 5, window: int = 16,
-                              target_index: int | None = None) -> AsyncIterator:
+                              target_index: int | None = None, version: int = 0) -> AsyncIterator[StreamResult]:
         """As ClassifierClient.classify_stream; `target_index` pins the stream to one target (one stream per
         replica), otherwise targets are taken round robin. Closing the iterator cancels the call."""
+        responses = self.classify_stream_messages(batches, model, top_k, window, target_index, version)
+        try:
+            async for response in responses:
+                yield messages.stream_result(response)
+        except grpc.aio.AioRpcError as e:
+            raise messages.client_error(e) from None
+        finally:
+            await responses.aclose()
+
+    async def classify_stream_messages(self, batches: AsyncIterator[tuple[str, Sequence[ImageLike]]] | Iterable,
+                                       model: str = "", top_k: int = 5, window: int = 16,
+                                       target_index: int | None = None,
+                                       version: int = 0) -> AsyncIterator[pb.StreamClassifyResponse]:
+        """classify_stream without the conversion: the server's own messages, for callers that pass them on (a
+        batch job reads thousands a second)."""
         slots = asyncio.Semaphore(window)
 
         async def requests():
             async for request_id, images in _aiter(batches):
                 await slots.acquire()
-                yield messages.stream_request(request_id, images, model, top_k)
+                yield messages.stream_request(request_id, images, model, top_k, version)
 
         stub = self._stubs[next(self._next) if target_index is None else target_index]
         call = stub.ClassifyStream(requests(), metadata=self._metadata)

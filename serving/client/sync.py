@@ -13,7 +13,15 @@ from ..wire.classifier.v1 import classifier_pb2 as pb
 from ..wire.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from . import messages
 from .connection import Tls, call_metadata, channel
-from .messages import DEFAULT_MAX_MESSAGE_BYTES, RETRYABLE, Explanation, ImageLike, ModelInfo, Prediction
+from .messages import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    RETRYABLE,
+    Explanation,
+    ImageLike,
+    ModelInfo,
+    Prediction,
+    StreamResult,
+)
 
 
 class ClassifierClient:
@@ -39,7 +47,7 @@ class ClassifierClient:
                 return getattr(stub, method)(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
             except grpc.RpcError as e:
                 if e.code() not in RETRYABLE or attempt == self.retries:
-                    raise
+                    raise messages.client_error(e) from None  # typed: NotFound, InvalidArgument, ...
                 time.sleep(delay)
                 delay *= 2
 
@@ -60,9 +68,21 @@ class ClassifierClient:
         return messages.model_info(self._call("GetModel", pb.GetModelRequest(model=model, version=version)))
 
     def classify_stream(self, batches: Iterable[tuple[str, Sequence[ImageLike]]], model: str = "", top_k: int = 5,
-                        window: int = 16, target_index: int | None = None) -> Iterator[pb.StreamClassifyResponse]:
+                        window: int = 16, target_index: int | None = None,
+                        version: int = 0) -> Iterator[StreamResult]:
         """Stream (request_id, images) batches; at most `window` requests are in flight at once.
-        Yields the server's responses in order (request_id echoed, error_code set on a failed item)."""
+        Yields a StreamResult per request, in order (request_id echoed; error_code and error_message set on a
+        failed item, and the stream goes on). A failure of the whole stream raises a typed ClientError."""
+        try:
+            for response in self.classify_stream_messages(batches, model, top_k, window, target_index, version):
+                yield messages.stream_result(response)
+        except grpc.RpcError as e:
+            raise messages.client_error(e) from None
+
+    def classify_stream_messages(self, batches: Iterable[tuple[str, Sequence[ImageLike]]], model: str = "",
+                                 top_k: int = 5, window: int = 16, target_index: int | None = None,
+                                 version: int = 0) -> Iterator[pb.StreamClassifyResponse]:
+        """classify_stream without the conversion: the server's own messages, for callers that pass them on."""
         slots = threading.Semaphore(window)
         stop = threading.Event()
 
@@ -73,7 +93,7 @@ class ClassifierClient:
                         return
                 if stop.is_set():
                     return
-                yield messages.stream_request(request_id, images, model, top_k)
+                yield messages.stream_request(request_id, images, model, top_k, version)
 
         stub = self._stubs[next(self._next) if target_index is None else target_index]
         call = stub.ClassifyStream(requests(), metadata=self._metadata)

@@ -56,6 +56,7 @@ class JobOptions:
     cam_dir: Path | None = None
     cam_mistakes_only: bool = False
     progress: bool = True
+    version: int = 0                 # 0: the version the server's policy serves
 
 
 @dataclass
@@ -87,7 +88,7 @@ class StreamJob:
     async def run(self) -> RunStats:
         from tqdm import tqdm
         started = time.perf_counter()
-        self._bar = tqdm(total=self._total, initial=self._initial, unit="img", disable=not self.o.progress,
+        self._bar = tqdm(total=self._total, initial=self._initial, unit="img", disable=None if self.o.progress else True,
                          smoothing=0.1, dynamic_ncols=True)
         try:
             while todo := [i for i in self.live if self.queues[i]]:
@@ -107,8 +108,9 @@ class StreamJob:
         queue, target, failures = self.queues[i], self.client.targets[i], 0
         while queue and i in self.live:
             in_flight: collections.deque[_Request] = collections.deque()
-            responses = self.client.classify_stream(self._feed(queue, in_flight), model=self.info.name,
-                                                    top_k=self.o.top_k, window=self.o.window, target_index=i)
+            responses = self.client.classify_stream_messages(self._feed(queue, in_flight), model=self.info.name,
+                                                             top_k=self.o.top_k, window=self.o.window,
+                                                             target_index=i, version=self.o.version)
             try:
                 while True:
                     try:
@@ -203,7 +205,7 @@ class StreamJob:
             if len(positions):
                 try:
                     explanations = await self.client.explain(self.source.images(positions), model=self.info.name,
-                                                             overlay=True)
+                                                             overlay=True, version=self.o.version)
                 except grpc.aio.AioRpcError as e:  # not the stream's failure: stop, the rows stay to be redone
                     raise BatchError(f"Explain failed: {e.code().name}: {e.details()}") from None
                 for j, e in zip(np.flatnonzero(wanted).tolist(), explanations, strict=True):
@@ -227,7 +229,7 @@ async def run_job(args: argparse.Namespace) -> int:
     targets = [t.strip() for t in args.server.split(",") if t.strip()]
     tls, token = connection.from_arguments(args)
     async with AsyncClassifierClient(targets, timeout_s=args.timeout, tls=tls, token=token) as client:
-        info = await client.get_model(args.model)
+        info = await client.get_model(args.model, args.model_version)
         top_k = max(1, min(args.top_k, len(info.labels)))
         output = Output(args.output, top_k)
         todo, already = positions_to_do(source, output.resume(), args.stop_after)
@@ -245,7 +247,8 @@ async def run_job(args: argparse.Namespace) -> int:
               f"with {info.name} v{info.version} on {len(targets)} server(s)", file=sys.stderr)
         options = JobOptions(top_k=top_k, batch_size=args.batch_size, window=args.window,
                              timeout_s=args.timeout, retries=args.retries, cam_dir=cam_dir,
-                             cam_mistakes_only=args.cam_mistakes_only, progress=not args.no_progress)
+                             cam_mistakes_only=args.cam_mistakes_only, progress=not args.no_progress,
+                             version=args.model_version)
         output.open()
         try:
             job = StreamJob(client, source, info, truth, output, todo, already, options)
@@ -267,16 +270,18 @@ async def run_job(args: argparse.Namespace) -> int:
             summary["servers_given_up"] = stats.retired
         mistakes, positions = worst_mistakes(rows, source, args.sheet_size)
         finish_report(summary, info.labels, info.name, str(output.path), mistakes,
-                      await _mistake_pictures(client, source, positions, info.name))
+                      await _mistake_pictures(client, source, positions, info.name, args.model_version))
     return 0
 
 
-async def _mistake_pictures(client: AsyncClassifierClient, source: Source, positions: np.ndarray, model: str) -> list:
+async def _mistake_pictures(client: AsyncClassifierClient, source: Source, positions: np.ndarray, model: str,
+                            version: int = 0) -> list:
     """CAM overlays of the mistakes (Explain), or the inputs themselves when the model cannot explain."""
     if not len(positions):
         return []
     try:
-        return [e.overlay_png for e in await client.explain(source.images(positions), model=model, overlay=True)]
+        return [e.overlay_png for e in await client.explain(source.images(positions), model=model, overlay=True,
+                                                                  version=version)]
     except grpc.aio.AioRpcError as e:
         print(f"no CAM overlays on the mistakes sheet ({e.code().name}: {e.details()})", file=sys.stderr)
         return [source.picture(int(p)) for p in positions]

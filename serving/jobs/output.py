@@ -12,6 +12,7 @@ from pathlib import Path
 
 import orjson
 
+from ..client.messages import IMAGE_SUFFIXES
 from .errors import BatchError
 
 PARQUET_EXTRA_HINT = "Parquet needs pyarrow: pip install 'cnn-serving[ray]'"
@@ -159,4 +160,6 @@ def _row_from_csv(flat: dict) -> dict:
 
 
 def cam_file_name(image_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("_") + ".png"
+    """`Bag/a.png` gives `Bag_a_cam.png` (as `explain` names its files), not `Bag_a.png.png`."""
+    stem = image_id[: -len(Path(image_id).suffix)] if Path(image_id).suffix.lower() in IMAGE_SUFFIXES else image_id
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("_") + "_cam.png"

@@ -48,8 +48,8 @@ BLOCKS_PER_ACTOR = 3
 ACTORS_START_TIMEOUT_S = 300
 
 
-def choose_model(repository: Path, model: str) -> tuple[ModelSpec, int]:
-    """The named model (or the repository's only one) at the newest version its version policy serves."""
+def choose_model(repository: Path, model: str, version: int = 0) -> tuple[ModelSpec, int]:
+    """The named model (or the repository's only one) at `version`, or (0) the newest its version policy serves."""
     if not repository.is_dir():
         raise BatchError(f"model repository {repository} is not a directory")
     names = sorted(p.name for p in repository.iterdir() if (p / CONFIG_FILE).exists())
@@ -60,6 +60,11 @@ def choose_model(repository: Path, model: str) -> tuple[ModelSpec, int]:
     if model not in names:
         raise BatchError(f"model {model!r} is not in {repository} (models: {', '.join(names) or 'none'})")
     spec = load_spec(repository / model)
+    if version:
+        if version not in list_versions(spec.directory):
+            raise BatchError(f"model {model!r} has no version {version} in {repository} (versions: "
+                             f"{', '.join(map(str, list_versions(spec.directory))) or 'none'})")
+        return spec, version
     versions = select_versions(spec.config, list_versions(spec.directory))
     if not versions:
         raise BatchError(f"model {model!r} has no version directory with a model file in {repository}")
@@ -342,7 +347,8 @@ def run_job(args: argparse.Namespace) -> int:
     if args.cam_dir:
         raise BatchError("--cam-dir is for the gRPC engine; the Ray engine writes rows and the summary")
     source = open_source(args)
-    spec, version = choose_model(Path(args.model_repository or BUNDLED_REPOSITORY), args.model)
+    spec, version = choose_model(Path(args.model_repository or BUNDLED_REPOSITORY), args.model,
+                                 args.model_version)
     top_k = max(1, min(args.top_k, spec.num_classes))
     output = Output(args.output, top_k)
     todo, already = positions_to_do(source, output.resume(), args.stop_after)
@@ -352,7 +358,7 @@ def run_job(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     output.open()
     try:
-        with tqdm(total=len(source), initial=already, unit="img", disable=args.no_progress, smoothing=0.1,
+        with tqdm(total=len(source), initial=already, unit="img", disable=True if args.no_progress else None, smoothing=0.1,
                   dynamic_ncols=True) as progress:
             run = classify(args, source, spec, version, todo, top_k, truth, output, progress) if len(todo) else RayRun()
     finally:

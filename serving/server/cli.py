@@ -9,6 +9,8 @@ import logging
 import os
 import sys
 
+from ..cli_support import DefaultsHelpFormatter
+
 SERVER_EXTRA_HINT = "the server is not installed: pip install 'cnn-serving[server]'"
 
 
@@ -21,7 +23,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus HTTP port (0 = off)")
     p.add_argument("--poll-interval", type=float, default=0.0, help="seconds between repository scans "
                    "that load new versions without restart (0 = off)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="execution provider: auto "
+                   "picks CUDA where usable, else the CPU; cuda refuses to start without a usable GPU")
     p.add_argument("--tensorrt", action="store_true", help="try the TensorRT provider first")
     p.add_argument("--trt-cache-dir", default="", help="TensorRT engine cache directory")
     p.add_argument("--cuda-graphs", action="store_true", help="CUDA provider: capture one CUDA graph per batch-size "
@@ -37,7 +40,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message accepted")
     p.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                    help="uvloop where installed (auto): about 0.07 ms less CPU per request than asyncio's loop")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="the server log's threshold")
     access = p.add_argument_group("access (see README, Security)")
     access.add_argument("--tls-cert", default="", help="server certificate chain (PEM): turns on TLS")
     access.add_argument("--tls-key", default="", help="the certificate's private key (PEM)")
@@ -87,6 +91,8 @@ def _server_options(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.environment_errors:  # a CNN_SERVING_* variable that does not parse: refused as a bad flag would be
+        args.serve_parser.error("; ".join(args.environment_errors))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         from .app import event_loop_factory, serve
@@ -116,7 +122,10 @@ def serve_flags(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 
 def apply_environment(parser: argparse.ArgumentParser, environ: dict[str, str]) -> None:
     """Every serve flag may come from its CNN_SERVING_* variable (containers and Kubernetes set those);
-    a flag on the command line still wins. A value that does not parse is refused with the variable named."""
+    a flag on the command line still wins. A value that does not parse is refused with the variable named, when
+    `serve` runs: the variables are the server's, and a client command run in the same environment ignores them."""
+    errors: list[str] = []
+    parser.set_defaults(environment_errors=errors, serve_parser=parser)
     for action in serve_flags(parser):
         name = environment_variable(action)
         if name not in environ:
@@ -124,20 +133,24 @@ def apply_environment(parser: argparse.ArgumentParser, environ: dict[str, str]) 
         raw = environ[name].strip()
         if isinstance(action, argparse._StoreTrueAction):
             if raw.lower() not in _TRUE | _FALSE:
-                parser.error(f"{name}={raw!r}: use 1/true/yes or 0/false/no")
+                errors.append(f"{name}={raw!r}: use 1/true/yes or 0/false/no")
+                continue
             value = raw.lower() in _TRUE
         else:
             try:
                 value = action.type(raw) if action.type else raw
             except ValueError:
-                parser.error(f"{name}={raw!r} is not a valid {action.type.__name__}")
+                errors.append(f"{name}={raw!r} is not a valid {action.type.__name__}")
+                continue
             if action.choices and value not in action.choices:
-                parser.error(f"{name}={raw!r}: choose one of {', '.join(map(str, action.choices))}")
+                errors.append(f"{name}={raw!r}: choose one of {', '.join(map(str, action.choices))}")
+                continue
         parser.set_defaults(**{action.dest: value})
 
 
 def add_subcommands(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve a model repository over gRPC (needs the [server] extra)",
+                              formatter_class=DefaultsHelpFormatter,
                               epilog=f"Every flag can be set by its {ENV_PREFIX}* variable: --exit-timeout by "
                               f"{ENV_PREFIX}EXIT_TIMEOUT, --allow-unauthenticated by {ENV_PREFIX}ALLOW_UNAUTHENTICATED=1.")
     _serve_args(p)
