@@ -18,14 +18,18 @@ from .jobs import cli as jobs_cli
 from .server import cli as server_cli
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog_name("serving"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     server_cli.add_subcommands(sub)
     client_cli.add_subcommands(sub)
     jobs_cli.add_subcommands(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except grpc.RpcError as e:

@@ -15,7 +15,7 @@ import orjson
 from ..client.messages import IMAGE_SUFFIXES
 from .errors import BatchError
 
-PARQUET_EXTRA_HINT = "Parquet needs pyarrow: pip install 'cnn-serving[ray]'"
+PARQUET_EXTRA_HINT = "Parquet needs pyarrow: pip install 'cnn-serving[parquet]'"
 
 
 class Output:
@@ -66,6 +66,7 @@ class Output:
 
     def open(self) -> None:
         if self.parquet:
+            pyarrow_modules()  # without pyarrow, say so before an empty output folder is left behind
             self.path.mkdir(parents=True, exist_ok=True)
             self._parts = max((int(p.stem.split("-")[1]) + 1 for p in self.path.glob("part-*.parquet")), default=0)
             return
