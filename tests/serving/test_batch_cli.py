@@ -93,3 +93,12 @@ def test_parquet_without_pyarrow_names_the_extra_and_leaves_nothing(server, tmp_
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "pip install 'cnn-serving[parquet]'" in result.stderr
     assert not out.exists()
+
+
+def test_a_model_version_is_pinned_or_refused(server, tmp_path):
+    np.savez(tmp_path / "set.npz", images=ramp_images(4, seed=4)[0])
+    pinned = batch(tmp_path / "set.npz", "--server", server.address, "--model-version", "1", "-o", tmp_path / "a.jsonl")
+    assert pinned.returncode == 0, pinned.stderr
+    assert "with fmnist v1" in pinned.stderr
+    missing = batch(tmp_path / "set.npz", "--server", server.address, "--model-version", "9", "-o", tmp_path / "b.jsonl")
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr and "Traceback" not in missing.stderr

@@ -163,3 +163,7 @@ def test_exif_orientation_is_applied_by_the_server(server):
     upright_gap = np.abs(got.heatmap - expected.heatmap).mean()
     blind_gap = np.abs(got.heatmap - sideways.heatmap).mean()
     assert upright_gap < 0.05 and blind_gap > 4 * upright_gap
+    # The client re-encodes a PIL image as PNG, which has no orientation tag: it turns the image upright first.
+    with ClassifierClient(server.address) as client:
+        [from_pil] = client.explain([Image.open(io.BytesIO(buf.getvalue()))])
+    assert np.abs(from_pil.heatmap - got.heatmap).max() < 1e-6
