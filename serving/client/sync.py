@@ -72,7 +72,8 @@ class ClassifierClient:
                         version: int = 0) -> Iterator[StreamResult]:
         """Stream (request_id, images) batches; at most `window` requests are in flight at once.
         Yields a StreamResult per request, in order (request_id echoed; error_code and error_message set on a
-        failed item, and the stream goes on). A failure of the whole stream raises a typed ClientError."""
+        failed item, and the stream goes on). A failure of the whole stream raises a typed ClientError.
+        `version` pins every request to one version (0: the newest ready, request by request)."""
         try:
             for response in self.classify_stream_messages(batches, model, top_k, window, target_index, version):
                 yield messages.stream_result(response)

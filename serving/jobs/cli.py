@@ -6,8 +6,10 @@
 Inputs: an IDX pair, an .npz (`images` uint8 [N, H, W(, C)], optional `labels`), a folder of images (one
 subfolder per class gives labels) or a CSV/text list of paths (optional second column: the label).
 Rows are appended as answers arrive: run the same command again after an interruption and it goes on
-where it stopped. At the end a summary (accuracy, per-class precision and recall, a confusion matrix and a
-contact sheet of the most confident mistakes) lands next to the output.
+where it stopped. The output records the model and version that wrote it (`<output>.job.json`); resuming
+it with another is refused (exit code 2) unless --fresh discards it. At the end a summary (accuracy,
+per-class precision and recall, a confusion matrix and a contact sheet of the most confident mistakes)
+lands next to the output.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 from ..cli_support import non_negative_int, positive_int
 from ..client import connection
 from . import grpc_engine
-from .errors import BatchError, InputError
+from .errors import BatchError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cam-dir", help="write a CAM overlay PNG per image here (via Explain)")
     p.add_argument("--cam-mistakes-only", action="store_true", help="CAM overlays only for misclassified images")
     p.add_argument("--sheet-size", type=int, default=16, help="mistakes on the contact sheet")
+    p.add_argument("--fresh", action="store_true", help="discard an existing output (its rows, record and "
+                   "report) and start again; without it an existing output is resumed, and refused when another "
+                   "model or version wrote it")
     p.add_argument("--stop-after", type=int, help="classify at most this many images now, then stop (resumable)")
     p.add_argument("--retries", type=int, default=3, help="retries of a request or stream on UNAVAILABLE/busy")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off by itself when stderr "
@@ -93,12 +98,9 @@ def run(args: argparse.Namespace) -> int:
             from . import ray_engine  # loads the server's model code: only with --engine ray
             return ray_engine.run_job(args)
         return asyncio.run(grpc_engine.run_job(args))
-    except InputError as e:  # the input or the flags: the user's to fix
+    except BatchError as e:  # exit 2 for the user's mistakes (InputError, OutputOfAnotherModel), else 1
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except BatchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..repository_format import Preprocessing
-from .errors import InvalidInput
+from .errors import InvalidInput, shown
 from .inference import RawTensor, WireImage
 
 _DTYPES = {"uint8": np.uint8, "float32": np.float32, "float16": np.float16}
@@ -24,7 +24,7 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 def tensor_to_array(t: RawTensor) -> np.ndarray:
     if t.dtype not in _DTYPES:
-        raise InvalidInput(f"tensor dtype {t.dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
+        raise InvalidInput(f"tensor dtype {shown(t.dtype)} is not supported; use one of {', '.join(_DTYPES)}")
     if any(d <= 0 for d in t.shape) or not t.shape:
         raise InvalidInput(f"tensor shape {list(t.shape)} must have positive dimensions")
     dtype = np.dtype(_DTYPES[t.dtype]).newbyteorder("<")
