@@ -54,6 +54,7 @@ class ServerOptions:
     exit_timeout_s: float = 30.0            # then the longest wait for accepted calls to finish
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     strict_readiness: bool = True           # ready only when every model to serve has a ready version
+    default_model: str = ""                 # the model of a request that names none ("": the only one served)
 
 
 class InferenceServer:
@@ -62,6 +63,7 @@ class InferenceServer:
         self.metrics = Metrics()
         self.repository = ModelRepository(options.repository, options.runtime, options.batching,
                                           options.batching_overrides, observer_factory=self.metrics.observer)
+        self.repository.default_model = options.default_model
         self.server: grpc.aio.Server | None = None
         self.port = options.port
         self.health = health.aio.HealthServicer()

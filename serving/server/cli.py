@@ -17,6 +17,8 @@ SERVER_EXTRA_HINT = "the server is not installed: pip install 'cnn-serving[serve
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-repository", default="", help="repository directory "
                    "(default: the bundled one, in a checkout)")
+    p.add_argument("--default-model", default="", help="the model a request that names none gets (default: "
+                   "the only one in the repository; with several, such a request is refused)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all: needs tokens, "
                    "client certificates or --allow-unauthenticated)")
     p.add_argument("--port", type=int, default=8001, help="gRPC port (0 = any free port)")
@@ -93,7 +95,8 @@ def _server_options(args: argparse.Namespace):
                                    "inline_budget_us": args.inline_budget_us}.items()
                  if v is not None}
     return ServerOptions(
-        repository=args.model_repository or str(BUNDLED_REPOSITORY), host=args.host, port=args.port,
+        repository=args.model_repository or str(BUNDLED_REPOSITORY), default_model=args.default_model, host=args.host,
+        port=args.port,
         metrics_port=args.metrics_port, metrics_host=args.metrics_host, strict_readiness=args.strict_readiness,
         poll_interval_s=args.poll_interval, max_message_bytes=args.max_message_mb * 1024 * 1024,
         runtime=RuntimeOptions(device=args.device, tensorrt=args.tensorrt, trt_cache_dir=args.trt_cache_dir,

@@ -167,3 +167,19 @@ def test_exif_orientation_is_applied_by_the_server(server):
     with ClassifierClient(server.address) as client:
         [from_pil] = client.explain([Image.open(io.BytesIO(buf.getvalue()))])
     assert np.abs(from_pil.heatmap - got.heatmap).max() < 1e-6
+
+
+def test_a_default_model_answers_calls_that_name_none(tmp_path):
+    """With two models, a call without --model is refused unless the server has a default model."""
+    from tests.conftest import export_small, running_server
+
+    export_small(tmp_path, "shirts")
+    export_small(tmp_path, "shoes", seed=1)
+    image = np.zeros((28, 28), np.uint8)
+    with running_server(tmp_path) as server, ClassifierClient(server.address, retries=0) as client:
+        with pytest.raises(InvalidArgument, match="--default-model"):
+            client.classify([image])
+    with running_server(tmp_path, default_model="shoes") as server, ClassifierClient(server.address) as client:
+        assert client.get_model().name == "shoes"
+        assert client.classify([image]) == client.classify([image], model="shoes")
+    assert "--default-model" in cli("serve", "--help").stdout
