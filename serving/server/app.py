@@ -30,6 +30,8 @@ from .runtime import RuntimeOptions
 log = logging.getLogger("serving.server")
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# The grpc.health.v1 service name that liveness probes ask; "" and each API's name answer readiness.
+LIVENESS_SERVICE = "liveness"
 
 
 @dataclass
@@ -127,6 +129,9 @@ class InferenceServer:
         if o.poll_interval_s > 0:
             self.repository.start_polling(o.poll_interval_s)
         self._health_names = ["", *service_names[:-1]]
+        # Liveness is its own health service, SERVING while the process runs, draining included: a liveness
+        # probe that asked readiness would restart a replica whose model failed to load, in a loop.
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self.repository.on_change = self.update_health
         await self.update_health()
         ready = [f"{mv.name}:{mv.version} ({mv.sessions.provider})" for mv in self.repository.all_ready()]
@@ -170,7 +175,7 @@ class InferenceServer:
         then new calls get UNAVAILABLE and open streams stop reading, and every call admitted (its requests
         queued in batchers included) is answered, for up to `timeout_s`. False when some were still running."""
         self.draining = True
-        await self.health.enter_graceful_shutdown()
+        await self.update_health()  # NOT_SERVING for readiness; liveness stays SERVING
         self.repository.stop_polling()  # no version swap while draining
         if delay_s > 0:
             log.info("draining: health NOT_SERVING; still accepting calls for %gs", delay_s)

@@ -193,9 +193,16 @@ def readiness(address: str) -> tuple[int, bool, bool]:
     return health.status, ready.ready, triton
 
 
+def liveness(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="liveness"),
+                                                         timeout=5).status
+
+
 def test_an_empty_repository_is_not_ready_unless_relaxed(tmp_path):
     with running_server(tmp_path) as server:
         assert readiness(server.address) == (NOT_SERVING, False, False)
+        assert liveness(server.address) == SERVING  # a liveness probe must not restart it for that
     with running_server(tmp_path, strict_readiness=False) as server:
         assert readiness(server.address) == (SERVING, True, True)
 
