@@ -74,11 +74,14 @@ class ClassifierClient:
         Yields a StreamResult per request, in order (request_id echoed; error_code and error_message set on a
         failed item, and the stream goes on). A failure of the whole stream raises a typed ClientError.
         `version` pins every request to one version (0: the newest ready, request by request)."""
+        responses = self.classify_stream_messages(batches, model, top_k, window, target_index, version)
         try:
-            for response in self.classify_stream_messages(batches, model, top_k, window, target_index, version):
+            for response in responses:
                 yield messages.stream_result(response)
         except grpc.RpcError as e:
             raise messages.client_error(e) from None
+        finally:
+            responses.close()  # a caller that stops early cancels the call at once, not when collected
 
     def classify_stream_messages(self, batches: Iterable[tuple[str, Sequence[ImageLike]]], model: str = "",
                                  top_k: int = 5, window: int = 16, target_index: int | None = None,
