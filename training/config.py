@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -137,6 +138,8 @@ def _checked(cls: type, values: dict, prefix: str) -> dict:
         out[key] = _value(f"{prefix}{key}", value, hints[key])
         if key in CHOICES and out[key] not in CHOICES[key]:
             raise UsageError(f"{prefix}{key}={value!r}: choose one of {', '.join(CHOICES[key])}")
+        if key == "device" and cls is TrainConfig and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", out[key]):
+            raise UsageError(f"device={value!r}: auto, cpu, cuda or cuda:N")
     if cls is TrainConfig and "model" in out:
         from .models import list_models
         if out["model"] not in list_models():

@@ -1,4 +1,4 @@
-"""The training loop: reads top to bottom; configuration is one dataclass with file and CLI overrides.
+"""The training loop: reads top to bottom; its configuration is one dataclass (training/config.py).
 
 Single process by default; under `torchrun --nproc_per_node N` it runs distributed data parallel (gloo on
 CPU, nccl on GPU), each rank training on its own shard of every epoch.

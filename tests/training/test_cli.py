@@ -47,6 +47,7 @@ def test_a_bad_value_is_refused_before_any_data_loads():
     line = one_line_error(cli("train", "epochs=abc", "data_dir=/nonexistent"))
     assert line == "error: epochs='abc': expected an integer"
     assert "choose one of sgd, adam, adamw" in one_line_error(cli("train", "optimizer=sgdd"))
+    assert "auto, cpu, cuda or cuda:N" in one_line_error(cli("train", "device=gpu"))
 
 
 def test_export_of_a_missing_checkpoint_is_one_line():
