@@ -377,6 +377,13 @@ def test_ipv6_loopback_serves_grpc_and_metrics(small_repo):
         with ClassifierClient(f"[::1]:{server.port}", retries=0) as client:
             assert client.classify([IMAGE])
         assert get(f"http://[::1]:{port}/metrics")[0] == 200
+    port = free_port()  # "[::]" and "::": every address, IPv4 included (only loopback is called here)
+    with running_server(small_repo, host="[::]", metrics_port=port, metrics_host="::",
+                        allow_unauthenticated=True) as server:
+        for host in ("127.0.0.1", "[::1]"):
+            with ClassifierClient(f"{host}:{server.port}", retries=0) as client:
+                assert client.classify([IMAGE])
+            assert get(f"http://{host}:{port}/metrics")[0] == 200
 
 
 def test_refused_calls_are_audited_at_a_bounded_rate_and_streams_are_counted(small_repo, caplog):
