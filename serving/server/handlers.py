@@ -97,9 +97,7 @@ class CallGate:
         gauge, calls = self.metrics.in_flight.labels(name), self.metrics.rpcs
 
         async def unary(requests: AsyncIterator[bytes], context):
-            gauge.inc()
-            code = "OK"
-            try:
+            with _Counted(gauge, calls, name, context):
                 try:
                     admit(context, needed, name)
                 except ServingError as e:
@@ -114,12 +112,6 @@ class CallGate:
                     return await inner(request, context)
                 finally:
                     admission.leave()
-            except BaseException:
-                code = context.code().name if context.code() else "CANCELLED"
-                raise
-            finally:
-                gauge.dec()
-                calls.labels(name, code).inc()
 
         return grpc.stream_unary_rpc_method_handler(unary, response_serializer=handler.response_serializer)
 
@@ -135,9 +127,7 @@ class CallGate:
                 yield parse(deserialize, raw)
 
         async def stream(requests: AsyncIterator[bytes], context):
-            gauge.inc()
-            code = "OK"
-            try:
+            with _Counted(gauge, calls, name, context):
                 try:
                     admit(context, needed, name)
                 except ServingError as e:
@@ -153,14 +143,27 @@ class CallGate:
                         await _end_stream(context, ShuttingDown(STREAM_CUT))
                 finally:
                     admission.leave()
-            except BaseException:
-                code = context.code().name if context.code() else "CANCELLED"
-                raise
-            finally:
-                gauge.dec()
-                calls.labels(name, code).inc()
 
         return grpc.stream_stream_rpc_method_handler(stream, response_serializer=handler.response_serializer)
+
+
+class _Counted:
+    """One call in the Prometheus counts: in flight while it runs, then by method and final status code (the
+    code an abort set, or CANCELLED for a call its client left)."""
+
+    __slots__ = ("gauge", "calls", "name", "context")
+
+    def __init__(self, gauge, calls, name: str, context):
+        self.gauge, self.calls, self.name, self.context = gauge, calls, name, context
+
+    def __enter__(self) -> None:
+        self.gauge.inc()
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        code = "OK" if kind is None else (self.context.code().name if self.context.code() else "CANCELLED")
+        self.gauge.dec()
+        self.calls.labels(self.name, code).inc()
+        return False
 
 
 async def _end_stream(context, error: ServingError) -> None:
