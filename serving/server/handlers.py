@@ -4,7 +4,9 @@ method at registration, in this order:
 1. the call is counted (Prometheus, by method and final status code; unary calls and streams alike);
 2. the caller is checked (token, client certificate) and admitted (refused while the server drains), and
    every refusal gets an audit line;
-3. only then is the request body read and parsed.
+3. only then is the request body read and parsed;
+4. any error the method raises becomes its status (api/status.py): a ServingError its own code, anything
+   else INTERNAL with the traceback logged, never grpc's UNKNOWN with the exception's text.
 
 Step 3 is why a unary method is registered as a client-streaming one: grpc.aio reads, decompresses and parses
 a unary request's whole message before the handler runs, so a caller with no token could make the server
@@ -109,7 +111,12 @@ class CallGate:
                         raise InvalidInput("the call carried no request message") from None
                     except ServingError as e:
                         await context.abort(*status_of(e))
-                    return await inner(request, context)
+                    try:
+                        return await inner(request, context)
+                    except grpc.aio.AbortError:
+                        raise  # the servicer chose the status
+                    except Exception as e:  # noqa: BLE001 - every error of every RPC becomes a mapped status
+                        await context.abort(*status_of(e))
                 finally:
                     admission.leave()
 
@@ -137,7 +144,9 @@ class CallGate:
                     try:
                         async for response in inner(parsed(reads), context):
                             yield response
-                    except ServingError as e:  # a malformed message: those before it were answered
+                    except grpc.aio.AbortError:
+                        raise
+                    except Exception as e:  # noqa: BLE001 - a malformed message (those before it were answered), or a bug
                         await _end_stream(context, e)
                     if reads.cut:
                         await _end_stream(context, ShuttingDown(STREAM_CUT))
@@ -166,7 +175,7 @@ class _Counted:
         return False
 
 
-async def _end_stream(context, error: ServingError) -> None:
+async def _end_stream(context, error: Exception) -> None:
     await asyncio.sleep(STREAM_END_PAUSE_S)
     await context.abort(*status_of(error))
 
