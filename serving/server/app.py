@@ -101,6 +101,8 @@ class InferenceServer:
         credentials = o.tls.credentials() if o.tls else None
         o.connections.check_file_limit()
         redact_undecodable_metadata()
+        if o.metrics_port:  # before minutes of model loading: a metrics port that cannot bind stops the start
+            await self.metrics.serve(o.metrics_port, o.metrics_host)
         await self.repository.load_all()
         self.server = grpc.aio.server(options=self._grpc_options())
         # Our services' handlers are wrapped once: counted, caller checked and admitted, then the body read.
@@ -120,8 +122,6 @@ class InferenceServer:
             self.port = 0
         if self.port == 0:
             raise OSError(f"cannot listen on {address}: the port is taken or the address is not this machine's")
-        if o.metrics_port:  # before the gRPC port opens: a metrics port that cannot bind stops the start cleanly
-            await self.metrics.serve(o.metrics_port, o.metrics_host)
         await self.server.start()
         self.started = True
         self.connection_watch = ConnectionWatch(o.connections.max_connections)
@@ -161,7 +161,8 @@ class InferenceServer:
             await self.health.set(name, status)
         if state != self._last_readiness:
             if self._last_readiness is not None or not state[0]:
-                (log.info if state[0] else log.warning)("readiness: %s", "ready" if state[0] else f"NOT ready ({state[1]})")
+                quiet = state[0] or self.draining  # not ready because it is draining is no warning
+                (log.info if quiet else log.warning)("readiness: %s", "ready" if state[0] else f"NOT ready ({state[1]})")
             self._last_readiness = state
 
     def _protection(self) -> str:

@@ -4,7 +4,9 @@ method at registration, in this order:
 1. the call is counted (Prometheus, by method and final status code; unary calls and streams alike);
 2. the caller is checked (token, client certificate) and admitted (refused while the server drains), and
    every refusal gets an audit line;
-3. only then is the request body read and parsed.
+3. only then is the request body read and parsed;
+4. any error the method raises becomes its status (api/status.py): a ServingError its own code, anything
+   else INTERNAL with the traceback logged, never grpc's UNKNOWN with the exception's text.
 
 Step 3 is why a unary method is registered as a client-streaming one: grpc.aio reads, decompresses and parses
 a unary request's whole message before the handler runs, so a caller with no token could make the server
@@ -97,9 +99,7 @@ class CallGate:
         gauge, calls = self.metrics.in_flight.labels(name), self.metrics.rpcs
 
         async def unary(requests: AsyncIterator[bytes], context):
-            gauge.inc()
-            code = "OK"
-            try:
+            with _Counted(gauge, calls, name, context):
                 try:
                     admit(context, needed, name)
                 except ServingError as e:
@@ -111,15 +111,14 @@ class CallGate:
                         raise InvalidInput("the call carried no request message") from None
                     except ServingError as e:
                         await context.abort(*status_of(e))
-                    return await inner(request, context)
+                    try:
+                        return await inner(request, context)
+                    except grpc.aio.AbortError:
+                        raise  # the servicer chose the status
+                    except Exception as e:  # noqa: BLE001 - every error of every RPC becomes a mapped status
+                        await context.abort(*status_of(e))
                 finally:
                     admission.leave()
-            except BaseException:
-                code = context.code().name if context.code() else "CANCELLED"
-                raise
-            finally:
-                gauge.dec()
-                calls.labels(name, code).inc()
 
         return grpc.stream_unary_rpc_method_handler(unary, response_serializer=handler.response_serializer)
 
@@ -135,9 +134,7 @@ class CallGate:
                 yield parse(deserialize, raw)
 
         async def stream(requests: AsyncIterator[bytes], context):
-            gauge.inc()
-            code = "OK"
-            try:
+            with _Counted(gauge, calls, name, context):
                 try:
                     admit(context, needed, name)
                 except ServingError as e:
@@ -147,23 +144,38 @@ class CallGate:
                     try:
                         async for response in inner(parsed(reads), context):
                             yield response
-                    except ServingError as e:  # a malformed message: those before it were answered
+                    except grpc.aio.AbortError:
+                        raise
+                    except Exception as e:  # noqa: BLE001 - a malformed message (those before it were answered), or a bug
                         await _end_stream(context, e)
                     if reads.cut:
                         await _end_stream(context, ShuttingDown(STREAM_CUT))
                 finally:
                     admission.leave()
-            except BaseException:
-                code = context.code().name if context.code() else "CANCELLED"
-                raise
-            finally:
-                gauge.dec()
-                calls.labels(name, code).inc()
 
         return grpc.stream_stream_rpc_method_handler(stream, response_serializer=handler.response_serializer)
 
 
-async def _end_stream(context, error: ServingError) -> None:
+class _Counted:
+    """One call in the Prometheus counts: in flight while it runs, then by method and final status code (the
+    code an abort set, or CANCELLED for a call its client left)."""
+
+    __slots__ = ("gauge", "calls", "name", "context")
+
+    def __init__(self, gauge, calls, name: str, context):
+        self.gauge, self.calls, self.name, self.context = gauge, calls, name, context
+
+    def __enter__(self) -> None:
+        self.gauge.inc()
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        code = "OK" if kind is None else (self.context.code().name if self.context.code() else "CANCELLED")
+        self.gauge.dec()
+        self.calls.labels(self.name, code).inc()
+        return False
+
+
+async def _end_stream(context, error: Exception) -> None:
     await asyncio.sleep(STREAM_END_PAUSE_S)
     await context.abort(*status_of(error))
 
