@@ -10,7 +10,8 @@ training, which an import contract (`.importlinter`) checks.
         cams = client.explain(["shoe.png"], model="fashion_mnist", overlay=True)
 
 Channels are reused across calls; several targets are used round robin (one job, many replicas); calls
-that fail with UNAVAILABLE are retried with exponential backoff; every call has a deadline. `tls=Tls(...)`
+that fail with UNAVAILABLE are retried by gRPC with backoff and jitter (`retry.RetryPolicy`, a service config),
+then on the next target; every call has a deadline. `tls=Tls(...)`
 connects with TLS (mutual TLS with a client certificate); `token=` (or $CNN_SERVING_TOKEN) is sent as
 `authorization: Bearer <token>` on every call.
 """
@@ -18,7 +19,8 @@ connects with TLS (mutual TLS with a client certificate); `token=` (or $CNN_SERV
 from .aio import AsyncClassifierClient
 from .connection import Tls
 from .messages import RETRYABLE, Explanation, ImageLike, ModelInfo, Prediction, to_wire_image
+from .retry import RetryPolicy, service_config_option
 from .sync import ClassifierClient
 
 __all__ = ["AsyncClassifierClient", "ClassifierClient", "Explanation", "ImageLike", "ModelInfo", "Prediction",
-           "RETRYABLE", "Tls", "to_wire_image"]
+           "RETRYABLE", "RetryPolicy", "Tls", "service_config_option", "to_wire_image"]

@@ -4,7 +4,8 @@ Images go out in requests of --batch-size, at most --window requests in flight p
 server address, requests dealt round robin over the streams. Rows are appended to the output as answers
 arrive, so an interrupted job resumes where it stopped: ids already in the output are skipped and a
 half-written last line is dropped and redone. A stream that breaks is reopened; an address that keeps
-failing is dropped and its requests go to the others.
+failing is dropped and its requests go to the others. Waits between tries follow the client's retry policy
+(client/retry.py: backoff with jitter), the one gRPC applies to the calls it retries itself.
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ class JobOptions:
     window: int = 8
     timeout_s: float = 30.0
     retries: int = 3
-    backoff_s: float = 0.2
     cam_dir: Path | None = None
     cam_mistakes_only: bool = False
     progress: bool = True
@@ -133,7 +133,7 @@ class StreamJob:
                 if failures > self.o.retries:
                     self._retire(i, f"{code.name}: {detail}")
                     return
-                await asyncio.sleep(self.o.backoff_s * 2 ** (failures - 1))
+                await asyncio.sleep(self.client.policy.delay(failures))
             finally:
                 await responses.aclose()
 
@@ -165,7 +165,7 @@ class StreamJob:
                 if request.attempts > self.o.retries:
                     raise BatchError(f"request {request.request_id}: {code.name} after {self.o.retries} retries: "
                                      f"{response.error_message}")
-                await asyncio.sleep(self.o.backoff_s * 2 ** (request.attempts - 1))
+                await asyncio.sleep(self.client.policy.delay(request.attempts))
                 queue.appendleft(request)
             elif len(request.positions) > 1:
                 # One bad image fails its whole request: resend one by one to find it and keep the rest.
@@ -226,7 +226,8 @@ async def run_job(args: argparse.Namespace) -> int:
     source = open_source(args)
     targets = [t.strip() for t in args.server.split(",") if t.strip()]
     tls, token = connection.from_arguments(args)
-    async with AsyncClassifierClient(targets, timeout_s=args.timeout, tls=tls, token=token) as client:
+    async with AsyncClassifierClient(targets, timeout_s=args.timeout, retries=args.retries, tls=tls,
+                                     token=token) as client:
         info = await client.get_model(args.model)
         top_k = max(1, min(args.top_k, len(info.labels)))
         output = Output(args.output, top_k)

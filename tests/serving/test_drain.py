@@ -142,6 +142,24 @@ def _request():
     return messages.classify_request([IMAGE], "", 0, 1)
 
 
+def test_the_client_retries_refusals_through_grpc_then_tries_the_next_target(small_repo):
+    async def stop_accepting(server):
+        server.admission.close()  # what the drain does after its delay: every call is refused
+
+    with running_server(small_repo) as draining, running_server(small_repo) as serving:
+        draining.call(stop_accepting(draining.server))
+        with ClassifierClient([draining.address, serving.address], retries=3, backoff_s=0.01) as client:
+            answers = [client.classify([IMAGE]) for _ in range(6)]
+        assert all(len(a) == 1 for a in answers)
+        # Calls 0, 2 and 4 start at the refusing target: gRPC's retry policy sends each there 4 times (the
+        # first try and 3 retries), then the client tries the next target.
+        assert draining.server.admission.refused == 3 * 4
+        with ClassifierClient(draining.address, retries=0) as client, pytest.raises(grpc.RpcError) as refused:
+            client.classify([IMAGE])
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # retries=0: no policy, one try
+        assert draining.server.admission.refused == 3 * 4 + 1
+
+
 def test_exit_timeout_cuts_what_is_still_running(small_repo):
     with running_server(small_repo, batching_overrides={"inline_budget_us": 0}) as server:
         slow_model(server, 1.5)
