@@ -157,11 +157,13 @@ class Tally:
     details: Counter = field(default_factory=Counter)   # the non-OK ones, by code and message
     items_sent: int = 0
     items_answered: int = 0
+    failures: list = field(default_factory=list)          # (started, ended, code, detail), monotonic seconds
 
-    def count(self, code: str, detail: str = "") -> None:
+    def count(self, code: str, detail: str = "", started: float = 0.0) -> None:
         self.codes[code] += 1
         if code != "OK":
             self.details[f"{code}: {_short(detail)}"] += 1
+            self.failures.append((started, time.monotonic(), code, _short(detail)))
 
 
 def _short(detail: str) -> str:
@@ -198,15 +200,16 @@ class Load:
 
     async def _loop(self, tally: Tally, call) -> None:
         while not self.stop.is_set():
+            started = time.monotonic()
             try:
                 await call()
                 tally.count("OK")
             except grpc.aio.AioRpcError as e:
-                tally.count(e.code().name, e.details() or "")
+                tally.count(e.code().name, e.details() or "", started)
                 await asyncio.sleep(AFTER_FAILURE_S)
             except Exception as e:  # tritonclient's InferenceServerException
                 code = str(getattr(e, "status", lambda: "UNKNOWN")()).removeprefix("StatusCode.")
-                tally.count(code, e.message() if hasattr(e, "message") else str(e))
+                tally.count(code, e.message() if hasattr(e, "message") else str(e), started)
                 await asyncio.sleep(AFTER_FAILURE_S)
 
     async def classify(self, path: str, target: str) -> None:
@@ -299,7 +302,7 @@ async def rolling_restart(repository: Path, rounds: int = 2, drain_delay_s: floa
                 exit_s = time.monotonic() - signalled
                 await loop.run_in_executor(None, replica.start)
                 back_s = await loop.run_in_executor(None, envoy.wait_healthy, 2)
-                restarts.append({"replica": replica.port, "exit_code": code, "exit_s": exit_s,
+                restarts.append({"replica": replica.port, "signalled": signalled, "exit_code": code, "exit_s": exit_s,
                                  "down_s": time.monotonic() - signalled - back_s, "back_in_rotation_s": back_s})
         await asyncio.sleep(settle_s)
         load.stop.set()
@@ -344,6 +347,11 @@ def render(result: dict) -> str:
             failures[f"{t.path}, {t.caller}: {detail}"] += n
     if failures:
         lines.append("Non-OK calls: " + "; ".join(f"{k} ({n})" for k, n in failures.most_common()))
+    for t in (t for t in result["tallies"] if not meets_goal(t)):
+        for started, ended, code, detail in t.failures[:5]:
+            last = max((r for r in restarts if r["signalled"] <= started), key=lambda r: r["signalled"], default=None)
+            when = f"{started - last['signalled']:.2f} s after the SIGTERM of :{last['replica']}" if last else "before"
+            lines.append(f"- {t.path}, {t.caller}: {code} ({detail}), started {when}, lasted {ended - started:.2f} s")
     return "\n".join(lines)
 
 

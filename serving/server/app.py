@@ -152,14 +152,15 @@ class InferenceServer:
 
     async def close(self, grace_s: float = 0.0) -> None:
         """Close the client connections and the port, then unload the models. Calls still running after
-        `grace_s` are cancelled; with none running (the drain is over), or no grace, the connections are cut
-        first (connections.py), so that what is still on its way ends UNAVAILABLE rather than CANCELLED."""
+        `grace_s` are cancelled; with none running (the drain is over), or no grace, the port and the
+        connections are closed first (connections.py), so that what is still on its way ends UNAVAILABLE
+        rather than CANCELLED."""
         self.draining = True
         self.admission.close()
         if self.server:
             if not self.admission.in_flight or grace_s <= 0:
                 cut = cut_connections(self.port)
-                log.info("closed %d client connection(s)", cut)
+                log.info("closed the port and %d client connection(s)", cut)
             await self.server.stop(grace_s)
         await self.repository.close(drain=grace_s > 0)
 

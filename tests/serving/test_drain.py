@@ -160,6 +160,28 @@ def test_the_client_retries_refusals_through_grpc_then_tries_the_next_target(sma
         assert draining.server.admission.refused == 3 * 4 + 1
 
 
+def test_tritonclient_given_the_service_config_retries_refusals(small_repo):
+    """The README's advice to tritonclient users, as they would follow it: the retry policy's service config
+    among the client's channel_args makes gRPC retry a refused ModelInfer."""
+    from serving.client import service_config_option
+
+    async def stop_accepting(server):
+        server.admission.close()
+
+    with running_server(small_repo) as server:
+        server.call(stop_accepting(server.server))
+        client = tg.InferenceServerClient(server.address, channel_args=[service_config_option()])
+        x = tg.InferInput("input", [1, 1, 28, 28], "UINT8")
+        x.set_data_from_numpy(np.zeros((1, 1, 28, 28), np.uint8))
+        try:
+            with pytest.raises(InferenceServerException) as refused:
+                client.infer("fmnist", [x], client_timeout=30)
+        finally:
+            client.close()
+        assert "UNAVAILABLE" in str(refused.value.status())
+        assert server.server.admission.refused == 4  # the first try and the policy's 3 retries, all refused
+
+
 def test_exit_timeout_cuts_what_is_still_running(small_repo):
     with running_server(small_repo, batching_overrides={"inline_budget_us": 0}) as server:
         slow_model(server, 1.5)
