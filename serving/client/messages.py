@@ -11,7 +11,8 @@ import grpc
 import numpy as np
 
 from ..wire.classifier.v1 import classifier_pb2 as pb
-from .retry import RetryPolicy, service_config_option
+from . import retry
+from .retry import RetryPolicy
 
 ImageLike = bytes | str | os.PathLike | np.ndarray
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -111,6 +112,6 @@ def explain_request(images, model, version, target_class, overlay) -> pb.Explain
 
 
 def channel_options(max_message_bytes: int, policy: RetryPolicy) -> list[tuple[str, int | str]]:
-    """The options of a client channel: message size limits both ways, and the retry policy (retry.py)."""
+    """The options of a client channel: message size limits both ways, and the retry policy's (retry.py)."""
     return [("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes), service_config_option(policy)]
+            ("grpc.max_send_message_length", max_message_bytes), *retry.channel_options(policy)]

@@ -29,11 +29,14 @@ GRPC_MAX_ATTEMPTS = 5  # gRPC clamps maxAttempts to 5
 @dataclass(frozen=True)
 class RetryPolicy:
     """`retries` after the first try (gRPC allows at most 4), waiting up to `initial_backoff_s` before the
-    first, growing by `multiplier` up to `max_backoff_s`."""
+    first, growing by `multiplier` up to `max_backoff_s`. A target that could not be reached is tried again
+    within `reconnect_backoff_s` (gRPC's default grows to 120 s: a replica back from a restart would be left
+    unused while the next one restarts, and a client of both would find neither)."""
     retries: int = 3
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 2.0
     multiplier: float = 2.0
+    reconnect_backoff_s: float = 1.0
 
     @property
     def max_attempts(self) -> int:
@@ -66,3 +69,10 @@ DEFAULT_POLICY = RetryPolicy()
 def service_config_option(policy: RetryPolicy = DEFAULT_POLICY) -> tuple[str, str]:
     """The channel option that turns the policy on: add it to a channel's (or tritonclient's) options."""
     return ("grpc.service_config", policy.service_config())
+
+
+def channel_options(policy: RetryPolicy = DEFAULT_POLICY) -> list[tuple[str, int | str]]:
+    """The policy's channel options: its service config, and reconnection at most `reconnect_backoff_s` apart."""
+    reconnect_ms = int(policy.reconnect_backoff_s * 1000)
+    return [service_config_option(policy), ("grpc.initial_reconnect_backoff_ms", min(100, reconnect_ms)),
+            ("grpc.max_reconnect_backoff_ms", reconnect_ms)]

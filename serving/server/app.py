@@ -159,7 +159,8 @@ class InferenceServer:
         self.admission.close()
         if self.server:
             if not self.admission.in_flight or grace_s <= 0:
-                cut = cut_connections(self.port)
+                await self.admission.wait_refused_streams_ended()
+                cut = cut_connections(self.port)  # no await in between: no stream is refused meanwhile
                 log.info("closed the port and %d client connection(s)", cut)
             await self.server.stop(grace_s)
         await self.repository.close(drain=grace_s > 0)

@@ -24,6 +24,9 @@ SHUTTING_DOWN = "the server is shutting down; send the call to another replica"
 # connections are cut. Callers that keep coming are cut at the limit, and see UNAVAILABLE all the same.
 QUIET_S = 0.25
 QUIET_LIMIT_S = 2.0
+# Before the connections are cut, the streams being refused are let end first (for at most this long): a
+# grpc.aio client still writing on a stream when its connection closes reports INTERNAL, not UNAVAILABLE.
+STREAMS_END_LIMIT_S = 0.5
 STREAM_CUT = ("the server is shutting down: the requests this stream sent before now were answered; send the "
               "rest to another replica")
 
@@ -33,6 +36,7 @@ class Admission:
         self.accepting = True
         self.in_flight = 0            # calls admitted and not yet ended (unary and streams)
         self.refused = 0              # calls refused since close()
+        self.refusing_streams = 0     # refused streams not yet ended (handlers.py reads their requests first)
         self._last_seen = -math.inf   # since close(): when a call was last refused or ended
         self._idle: asyncio.Event | None = None
         self._reading: set[asyncio.Task] = set()  # stream readers waiting for their client's next message
@@ -83,6 +87,13 @@ class Admission:
         end = time.monotonic() + limit_s
         while (now := time.monotonic()) < end and (wait := self._last_seen + quiet_s - now) > 0:
             await asyncio.sleep(min(wait, end - now))
+
+    async def wait_refused_streams_ended(self, limit_s: float = STREAMS_END_LIMIT_S) -> None:
+        """Until no refused stream is still open, for at most `limit_s`. It returns in the step that saw none, so
+        that a caller cutting connections right after finds none open."""
+        end = time.monotonic() + limit_s
+        while self.refusing_streams and time.monotonic() < end:
+            await asyncio.sleep(0.002)
 
     def stream_reads(self, requests: AsyncIterable) -> StreamReads:
         return StreamReads(self, requests)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(rolling_restart.ENVOY is None,
 
 
 def test_rolling_restart_under_load_fails_no_call(small_repo, tmp_path):
-    result = asyncio.run(rolling_restart.rolling_restart(small_repo, rounds=2, drain_delay_s=1.5, work=tmp_path))
+    result = asyncio.run(rolling_restart.rolling_restart(small_repo, rounds=2, drain_delay_s=3.0, work=tmp_path))
     print("\n" + rolling_restart.render(result))
     tallies = {(t.path, t.caller): t for t in result["tallies"]}
     assert len(tallies) == 8 and sum(t.callers for t in tallies.values()) == 32
