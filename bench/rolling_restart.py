@@ -2,7 +2,7 @@
 callers on both APIs, each replica in turn stopped with SIGTERM and started again on its port, twice over.
 Every call is counted by the final status its caller saw, and the table printed.
 
-    python bench/rolling_restart.py                  # the bundled repository, 2 rounds, --drain-delay 3
+    python bench/rolling_restart.py                  # the bundled repository, 2 rounds, --drain-delay 2
     python bench/rolling_restart.py --rounds 5 --out bench/results/rolling_restart.md
 
 The 32 callers, each calling again as soon as its last call ended:
@@ -301,7 +301,7 @@ class Load:
                 + [self.project_client() for _ in range(6)])
 
 
-async def rolling_restart(repository: Path, rounds: int = 2, drain_delay_s: float = 3.0, exit_timeout_s: float = 10,
+async def rolling_restart(repository: Path, rounds: int = 2, drain_delay_s: float = 2.0, exit_timeout_s: float = 10,
                           settle_s: float = 1.0, work: Path | None = None) -> dict:
     """Start the fleet, load it, restart each replica in turn `rounds` times, and count. Returns the tallies
     and, per restart, the replica's exit code and seconds from SIGTERM to exit."""
@@ -355,9 +355,32 @@ GOALS = {"through Envoy": "all OK", "straight to one replica": "OK or UNAVAILABL
          "project client, both replicas": "all OK"}
 
 
+def allowed_codes(t: Tally) -> set[str]:
+    return {"OK", "UNAVAILABLE"} if t.path == "straight to one replica" else {"OK"}
+
+
 def meets_goal(t: Tally) -> bool:
-    allowed = {"OK", "UNAVAILABLE"} if t.path == "straight to one replica" else {"OK"}
-    return set(t.codes) <= allowed
+    return set(t.codes) <= allowed_codes(t)
+
+
+# A grpc.aio client writing on a stream when its connection closes reports INTERNAL ("Internal error from Core")
+# in place of UNAVAILABLE: its failed write sets that status before the real one arrives. The server closes the
+# connections only once every stream it has seen has ended, so this can reach only a stream sent in the last
+# moment before the cut, which the server never saw: a client-side limit, told apart here.
+AT_CUT_S = 0.3
+
+
+def written_into_the_cut(t: Tally, failure: tuple, restarts: list[dict]) -> bool:
+    """A direct grpc.aio stream that ended INTERNAL as it was sent, in the last AT_CUT_S before a replica's exit."""
+    started, ended, code, detail = failure
+    return (t.path == "straight to one replica" and t.caller == "ClassifyStream" and code == "INTERNAL"
+            and "Internal error from Core" in detail and ended - started < AT_CUT_S
+            and any(0 <= r["signalled"] + r["exit_s"] - started <= AT_CUT_S for r in restarts))
+
+
+def unexpected(t: Tally, restarts: list[dict]) -> list[tuple]:
+    """The calls that missed their goal, but for streams written into the cut (`written_into_the_cut`)."""
+    return [f for f in t.failures if f[2] not in allowed_codes(t) and not written_into_the_cut(t, f, restarts)]
 
 
 def render(result: dict) -> str:
@@ -387,11 +410,12 @@ def render(result: dict) -> str:
     if failures:
         lines.append("Non-OK calls: " + "; ".join(f"{k} ({n})" for k, n in failures.most_common()))
     for t in (t for t in result["tallies"] if not meets_goal(t)):
-        allowed = {"OK", "UNAVAILABLE"} if t.path == "straight to one replica" else {"OK"}
-        for started, ended, code, detail in [f for f in t.failures if f[2] not in allowed][:5]:
+        for started, ended, code, detail in [f for f in t.failures if f[2] not in allowed_codes(t)][:5]:
             last = max((r for r in restarts if r["signalled"] <= started), key=lambda r: r["signalled"], default=None)
             when = f"{started - last['signalled']:.2f} s after the SIGTERM of :{last['replica']}" if last else "before"
-            lines.append(f"- {t.path}, {t.caller}: {code} ({detail}), started {when}, lasted {ended - started:.2f} s")
+            cut = " (written into the cut)" if written_into_the_cut(t, (started, ended, code, detail), restarts) else ""
+            lines.append(f"- {t.path}, {t.caller}: {code} ({detail}), started {when}, lasted {ended - started:.2f} s"
+                         + cut)
     return "\n".join(lines)
 
 
@@ -399,7 +423,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-repository", default=str(BUNDLED_REPOSITORY))
     p.add_argument("--rounds", type=int, default=2, help="times each replica is restarted")
-    p.add_argument("--drain-delay", type=float, default=3.0, help="the replicas' --drain-delay")
+    p.add_argument("--drain-delay", type=float, default=2.0, help="the replicas' --drain-delay")
     p.add_argument("--exit-timeout", type=float, default=10.0, help="the replicas' --exit-timeout")
     p.add_argument("--out", default="", help="also write the table to this file")
     args = p.parse_args()
@@ -410,7 +434,8 @@ def main() -> int:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
-    return 0 if all(meets_goal(t) for t in result["tallies"]) and {r["exit_code"] for r in result["restarts"]} == {0} else 1
+    met = all(meets_goal(t) for t in result["tallies"])
+    return 0 if met and {r["exit_code"] for r in result["restarts"]} == {0} else 1
 
 
 if __name__ == "__main__":

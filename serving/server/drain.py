@@ -5,8 +5,9 @@ While the server accepts, a call is counted in flight until it ends. `close()` s
 is refused with ShuttingDown (UNAVAILABLE, which clients retry on another replica), and each open stream
 stops reading. The requests a stream has read are still answered, in order, and the stream then ends
 UNAVAILABLE, so its client knows that whatever it sent after that was not run. `wait_idle` returns once
-no call is left; `wait_quiet` then keeps refusing until callers have stopped coming, and only then are the
-connections cut (connections.py) and the port closed.
+no call is left; `wait_quiet` then keeps refusing until callers have stopped coming, and once the streams
+being refused have ended (`wait_refused_streams_ended`) the port and the connections are closed
+(connections.py) before gRPC stops.
 """
 
 from __future__ import annotations

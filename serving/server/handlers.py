@@ -38,7 +38,7 @@ STREAM_END_PAUSE_S = 0.05
 # A refused stream has run nothing, so its requests are read (and dropped) until its client half-closes or
 # has sent nothing for STREAM_REFUSAL_GAP_S (it waits for answers), for at most STREAM_REFUSAL_READ_S: on a
 # loaded machine a client's writes can take longer than the pause above, and the status then comes once they
-# have landed (with the 50 ms pause alone, 1 refused grpc.aio stream in about 300 still saw INTERNAL here).
+# have landed (with the 50 ms pause alone, refused grpc.aio streams still saw INTERNAL now and then here).
 STREAM_REFUSAL_GAP_S = 0.25
 STREAM_REFUSAL_READ_S = 1.0
 
