@@ -110,12 +110,14 @@ def guarded(tokens: TokenCheck, admission: Admission) -> Wrapper:
             async def stream(request_iterator, context):
                 try:
                     admit(context)
-                except ServingError as e:
+                except ShuttingDown as e:
                     admission.refusing_streams += 1
                     try:
                         await _refuse_stream(context, request_iterator, e)
                     finally:
                         admission.refusing_streams -= 1
+                except ServingError as e:  # a bad token: nothing of such a client is read
+                    await _end_stream(context, e)
                 try:
                     reads = admission.stream_reads(request_iterator)
                     async for response in inner_stream(reads, context):
@@ -136,7 +138,7 @@ async def _end_stream(context, error: ServingError) -> None:
 
 
 async def _refuse_stream(context, requests, error: ServingError) -> None:
-    """End a stream that was not admitted, once its client has stopped writing (see STREAM_REFUSAL_READ_S)."""
+    """End a stream refused while draining, once its client has stopped writing (see STREAM_REFUSAL_READ_S)."""
     loop = asyncio.get_running_loop()
     end = loop.time() + STREAM_REFUSAL_READ_S
     pending = aiter(requests)
