@@ -11,11 +11,14 @@ import grpc
 import numpy as np
 
 from ..wire.classifier.v1 import classifier_pb2 as pb
+from . import retry
+from .retry import RetryPolicy
 
 ImageLike = bytes | str | os.PathLike | np.ndarray
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Calls a client repeats by itself: the server is restarting or has no ready version yet, not the request
-# being bad. (Batch jobs also resend when a replica is busy: `jobs.grpc_engine` extends this set.)
+# being bad. gRPC retries them on their channel (retry.py); a client of several targets then tries the next.
+# (Batch jobs also resend when a replica is busy: `jobs.grpc_engine` extends this set.)
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 # The image files a folder given to `classify`, `explain` or a batch job is searched for.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
@@ -231,6 +234,7 @@ def explain_request(images, model, version, target_class, overlay) -> pb.Explain
     return req
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+def channel_options(max_message_bytes: int, policy: RetryPolicy) -> list[tuple[str, int | str]]:
+    """The options of a client channel: message size limits both ways, and the retry policy's (retry.py)."""
     return [("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)]
+            ("grpc.max_send_message_length", max_message_bytes), *retry.channel_options(policy)]

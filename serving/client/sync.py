@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import grpc
@@ -22,6 +21,7 @@ from .messages import (
     Prediction,
     StreamResult,
 )
+from .retry import RetryPolicy
 
 
 class ClassifierClient:
@@ -34,22 +34,23 @@ class ClassifierClient:
                  tls: Tls | None = None, token: str | None = None):
         self.targets = [targets] if isinstance(targets, str) else list(targets)
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
-        self._channels = [channel(t, messages.channel_options(max_message_bytes), tls) for t in self.targets]
+        self.policy = RetryPolicy(retries, initial_backoff_s=backoff_s)
+        self._channels = [channel(t, messages.channel_options(max_message_bytes, self.policy), tls) for t in self.targets]
         self._metadata = call_metadata(token)
         self._stubs = [pb_grpc.ClassifierStub(c) for c in self._channels]
         self._next = itertools.cycle(range(len(self._stubs)))
 
     def _call(self, method: str, request, timeout_s: float | None = None):
-        delay = self.backoff_s
-        for attempt in range(self.retries + 1):
-            stub = self._stubs[next(self._next)]
+        # gRPC has already retried UNAVAILABLE on this target's channel, with backoff (retry.py); with several
+        # targets, such a call then goes to each of the others once, in turn.
+        first, tries = next(self._next), len(self._stubs) if self.policy.retries > 0 else 1
+        for n in range(tries):
+            stub = self._stubs[(first + n) % len(self._stubs)]
             try:
                 return getattr(stub, method)(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
             except grpc.RpcError as e:
-                if e.code() not in RETRYABLE or attempt == self.retries:
+                if e.code() not in RETRYABLE or n == tries - 1:
                     raise messages.client_error(e) from None  # typed: NotFound, InvalidArgument, ...
-                time.sleep(delay)
-                delay *= 2
 
     def classify(self, images: Iterable[ImageLike], model: str = "", top_k: int = 5,
                  version: int = 0) -> list[list[Prediction]]:

@@ -48,6 +48,12 @@ OPEN_METHODS = frozenset({KSERVE + "ServerLive", KSERVE + "ServerReady", KSERVE 
 # reports INTERNAL ("Internal error from Core") in place of it about one time in three (its write fails
 # after the status came); the pause lets a client's window of writes land first (200 in 200 then).
 STREAM_END_PAUSE_S = 0.05
+# A refused stream has run nothing, so its requests are read (and dropped) until its client half-closes or
+# has sent nothing for STREAM_REFUSAL_GAP_S (it waits for answers), for at most STREAM_REFUSAL_READ_S: on a
+# loaded machine a client's writes can take longer than the pause above, and the status then comes once they
+# have landed (with the 50 ms pause alone, refused grpc.aio streams still saw INTERNAL now and then here).
+STREAM_REFUSAL_GAP_S = 0.25
+STREAM_REFUSAL_READ_S = 1.0
 
 
 def required_role(method: str) -> Role | None:
@@ -137,7 +143,13 @@ class CallGate:
             with _Counted(gauge, calls, name, context):
                 try:
                     admit(context, needed, name)
-                except ServingError as e:
+                except ShuttingDown as e:
+                    admission.refusing_streams += 1
+                    try:
+                        await _refuse_stream(context, requests, e)
+                    finally:
+                        admission.refusing_streams -= 1
+                except ServingError as e:  # a bad token: nothing of such a client is read
                     await _end_stream(context, e)
                 try:
                     reads = admission.stream_reads(requests)
@@ -177,6 +189,20 @@ class _Counted:
 
 async def _end_stream(context, error: Exception) -> None:
     await asyncio.sleep(STREAM_END_PAUSE_S)
+    await context.abort(*status_of(error))
+
+
+async def _refuse_stream(context, requests, error: ServingError) -> None:
+    """End a stream refused while draining, once its client has stopped writing (see STREAM_REFUSAL_READ_S)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + STREAM_REFUSAL_READ_S
+    pending = aiter(requests)
+    try:
+        while (left := end - loop.time()) > 0:
+            async with asyncio.timeout(min(STREAM_REFUSAL_GAP_S, left)):
+                await anext(pending)
+    except (TimeoutError, StopAsyncIteration):
+        pass
     await context.abort(*status_of(error))
 
 
