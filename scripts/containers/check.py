@@ -248,8 +248,9 @@ class Compose:
                     "ENVOY_IMAGE": "localhost/cnn-serving-local/envoy:v1.40.0",
                     "PROMETHEUS_IMAGE": "localhost/cnn-serving-local/prometheus:2.42"}
 
-    def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return sh(self.tool, "--profile", "cpu", "--profile", "train", *args, check=check, cwd=ROOT, env=self.env)
+    def __call__(self, *args: str, profiles=("cpu",), check: bool = True) -> subprocess.CompletedProcess:
+        flags = [f for p in profiles for f in ("--profile", p)]
+        return sh(self.tool, *flags, *args, check=check, cwd=ROOT, env=self.env)
 
     def containers(self, service: str | None = None, all_states: bool = False) -> list[str]:
         args = ["podman", "ps", "--format", "{{.Names}}", "--filter", f"label=io.podman.compose.project={self.project}"]
@@ -287,7 +288,7 @@ def check_compose(args) -> None:
         secret.chmod(0o644)  # mounted as a file, read by the container's user 10001
     token = secret.read_text().split()[0]
     compose = Compose(args.project, args.data_dir, args.podman_compose)
-    compose("down", "-v", check=False)
+    compose("down", "-v", "--remove-orphans", profiles=("cpu", "train"), check=False)
     figures: dict = {}
     started = time.monotonic()
     try:
@@ -307,10 +308,12 @@ def check_compose(args) -> None:
         job = subprocess.Popen([sys.executable, "-m", "serving", "batch", "--idx-images",
                                 f"{args.data_dir}/t10k-images-idx3-ubyte.gz", "--idx-labels",
                                 f"{args.data_dir}/t10k-labels-idx1-ubyte.gz", "--server", envoy, "--token-file",
-                                str(secret), "-o", str(rows), "--no-progress", "--retries", "5"],
+                                str(secret), "-o", str(rows), "--no-progress", "--retries", "5",
+                                # Small requests, one in flight: the job outlasts the replica's restart.
+                                "--batch-size", "2", "--window", "1"],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         with Load(envoy, token, callers=2) as load:
-            wait_until(lambda: rows.exists() and len(rows.read_text().splitlines()) >= 1500, 300,
+            wait_until(lambda: rows.exists() and len(rows.read_text().splitlines()) >= 1000, 300,
                        "the batch job to be under way")
             claim(job.poll() is None, "the job is still running when the replica is stopped")
             written_before = len(rows.read_text().splitlines())
@@ -329,12 +332,9 @@ def check_compose(args) -> None:
               f"10,000 images exactly once: {len(lines)} rows, {len(ids)} distinct ids, {len(errors)} errors")
         claim(stopped_code == 0, f"the stopped replica drained and exited 0 ({stopped_code})")
         claim(not load.lost, f"no call lost through Envoy while a replica restarted: {load.lost[:5]}")
-        accuracy = float(np.mean([r.get("label") == r["predictions"][0]["label"] for r in lines
-                                  if "label" in r])) if "predictions" in lines[0] else None
         figures.update(rows=len(lines), distinct_ids=len(ids), row_errors=len(errors),
                        rows_before_stop=written_before, job_s=round(job_s, 1), unary_calls=load.answered,
-                       unary_refused=load.refused, calls_lost=len(load.lost), stopped_replica_exit=stopped_code,
-                       accuracy=accuracy)
+                       unary_refused=load.refused, calls_lost=len(load.lost), stopped_replica_exit=stopped_code)
 
         # Prometheus: every target it lists is up (the restarted replica under its new address).
         up, listed = wait_until(lambda: (lambda u: u if u[0] == u[1] == 3 else None)(_try(targets_up) or (0, 0)),
@@ -346,8 +346,9 @@ def check_compose(args) -> None:
         before = {c: inspect(c, "{{.State.StartedAt}}") for c in compose.containers("server")}
         t0 = time.monotonic()
         compose("run", "--rm", "train", "train", "--config", "configs/small_fmnist.yaml", "data_dir=/data",
-                "out_dir=/runs/small_fmnist", "progress=false", "epochs=1", "max_train_samples=2000")
-        compose("run", "--rm", "export")
+                "out_dir=/runs/small_fmnist", "progress=false", "epochs=1", "max_train_samples=2000",
+                profiles=("train",))
+        compose("run", "--rm", "export", profiles=("train",))
         figures["train_export_s"] = round(time.monotonic() - t0, 1)
         with ClassifierClient(envoy, token=token, retries=3) as client:
             wait_until(lambda: all(client.list_models() == {"fashion_mnist": [2]} for _ in range(6)), 90,
@@ -355,7 +356,7 @@ def check_compose(args) -> None:
         after = {c: inspect(c, "{{.State.StartedAt}}") for c in compose.containers("server")}
         claim(before == after, "version 2 served by the running replicas, none restarted")
     finally:
-        compose("down", "-v", check=False)
+        compose("down", "-v", "--remove-orphans", profiles=("cpu", "train"), check=False)
     left = compose.containers(all_states=True)
     networks = [n for n in sh("podman", "network", "ls", "--format", "{{.Name}}").stdout.split()
                 if n.startswith(args.project)]
