@@ -343,3 +343,13 @@ def test_kserve_model_answers_to_the_inference_service_name(tmp_path):
     finally:
         server.terminate()
         server.wait(60)
+
+
+def test_envoy_admin_port_is_reached_by_prometheus_only():
+    (policy,) = documents(DEPLOY / "k8s" / "envoy-admin-policy.yaml")
+    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "envoy"
+    rules = {r["ports"][0]["port"]: r for r in policy["spec"]["ingress"]}
+    assert "from" not in rules[8001]  # clients, from anywhere
+    assert rules[9901]["from"] and all("podSelector" in f for f in rules[9901]["from"])
+    resources = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())["resources"]
+    assert "k8s/envoy-admin-policy.yaml" in resources
