@@ -12,14 +12,16 @@ start=$SECONDS
 stamp() { echo "== $* ($((SECONDS - start)) s)"; }
 
 missing=()
-for tool in podman runc debootstrap; do command -v "$tool" >/dev/null || missing+=("$tool"); done
-# netavark's DNS (aardvark-dns) resolves compose service names; uidmap and slirp4netns podman itself expects.
-for pkg in aardvark-dns uidmap slirp4netns; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+# netavark with aardvark-dns: container networks whose DNS resolves compose service names (one address per
+# replica); iptables: published ports; debian-archive-keyring: debootstrap checks the mirror's signatures.
+for pkg in podman runc netavark aardvark-dns iptables uidmap slirp4netns debootstrap debian-archive-keyring; do
+    dpkg -s "$pkg" 2>/dev/null | grep -q '^Status: install ok installed' || missing+=("$pkg")
+done
 [ -e "$DATA/t10k-images-idx3-ubyte.gz" ] || missing+=(dataset-fashion-mnist)
 if [ ${#missing[@]} -gt 0 ]; then
     stamp "apt-get install ${missing[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 # podman-compose from PyPI: Debian's (1.0.3) knows no compose profiles.
 "$PYTHON" -c 'import importlib.metadata as m; assert m.version("podman-compose") == "1.6.0"' 2>/dev/null \
