@@ -26,6 +26,7 @@ import grpc
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # this checkout's client, whatever the interpreter has installed
 OUT = ROOT / "build" / "containers"
 CPU_IMAGE = "localhost/cnn-serving:cpu"
 SIZE_LIMIT_MB = 350
