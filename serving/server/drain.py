@@ -75,8 +75,11 @@ class Admission:
     async def wait_quiet(self, quiet_s: float = QUIET_S, limit_s: float = QUIET_LIMIT_S) -> None:
         """Keep refusing until no call has come for `quiet_s` (callers told UNAVAILABLE have gone elsewhere),
         for at most `limit_s`."""
-        end = time.monotonic() + limit_s
-        while (now := time.monotonic()) < end and (wait := self._last_refused + quiet_s - now) > 0:
+        start = time.monotonic()
+        end = start + limit_s
+        # Counted from the later of the last refusal and now (the last admitted call has just ended): a caller
+        # answered a moment ago may already have sent its next call, which must meet a refusal, not a closed port.
+        while (now := time.monotonic()) < end and (wait := max(self._last_refused, start) + quiet_s - now) > 0:
             await asyncio.sleep(min(wait, end - now))
 
     def stream_reads(self, requests: AsyncIterable) -> StreamReads:
