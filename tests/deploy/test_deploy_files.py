@@ -198,6 +198,7 @@ def test_training_runs_stay_out_of_the_served_repository_and_export_has_its_data
     assert command[1].startswith(mount + "/") and export_mounts[mount] == train_mounts[mount]  # reads the run
     data = command[command.index("--data-dir") + 1]
     assert export_mounts[data] == train_mounts[data]  # the same data the training read
+    assert train["read_only"] and export["read_only"]  # as the Kubernetes Job runs them
 
 
 def test_compose_names_the_images_users_can_swap_for_local_ones():
