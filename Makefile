@@ -43,9 +43,9 @@ lint: setup                       ## ruff and the import contracts (.importlinte
 proto: setup                      ## regenerate serving/wire from proto/
 	$(PY) proto/generate.py
 
-train-default: setup              ## reproduce the bundled model (about 30 minutes on 2 CPU cores)
+train-default: setup              ## reproduce the bundled model (about 60 minutes on 2 shared CPU cores, see README)
 	$(PY) -m training train --config configs/small_fmnist.yaml
-	$(PY) -m training export runs/small_fmnist/checkpoint.pt --repository $(REPO) --name fashion_mnist
+	$(PY) -m training export runs/small_fmnist/checkpoint.pt --model-repository $(REPO) --name fashion_mnist
 
 bench: setup                      ## the serving benchmark table (CPU here, GPU where present)
 	$(PY) bench/serving_bench.py

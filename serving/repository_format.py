@@ -15,6 +15,11 @@ Layout of a model repository (Triton's):
 Model-level extras live in `parameters` as strings: `preprocessing` (JSON: channels, height, width, mean,
 std), `architecture`, `features_output` (the output holding the last conv maps). The parameter count is
 in metadata.json (`parameters`), with the other facts of one version.
+
+Every file of a model, those the layout names and those its config names (`label_filename`), is read
+only from inside the model's directory: `model_file` resolves the path, symlinks included, and refuses
+one that leads out (`../../../etc/passwd`, an absolute path, a link to elsewhere) before anything is read.
+Whoever may put a model into a repository can then make the server read nothing but that model.
 """
 
 from __future__ import annotations
@@ -110,8 +115,26 @@ def class_count(logit_count: int) -> int:
     return 2 if logit_count == 1 else logit_count
 
 
+def model_file(model_dir: Path, relative: str | Path, what: str) -> Path:
+    """The file `relative` of a model, resolved (symlinks followed) and checked to be inside `model_dir`
+    (itself resolved, so a repository may link a model's whole directory in). `what` names the field or file
+    for the error: a path that leads out is a ConfigError, and the model does not load."""
+    root = model_dir.resolve()
+    path = (root / relative).resolve()
+    if path == root or not path.is_relative_to(root):
+        # The target is not named: the message reaches callers (RepositoryIndex), the target is not theirs to know.
+        raise ConfigError(f"{model_dir}: {what} {str(relative)!r} leads outside the model directory; "
+                          "a model's files (symlinks included) must be inside it")
+    return path
+
+
+def version_file(model_dir: Path, version: int, name: str) -> Path:
+    """A file of one version directory (model.onnx, metadata.json, cam_weights.npy), confined like every file."""
+    return model_file(model_dir, f"{version}/{name}", f"{version}/{name}")
+
+
 def read_config(model_dir: Path) -> mc.ModelConfig:
-    path = model_dir / CONFIG_FILE
+    path = model_file(model_dir, CONFIG_FILE, CONFIG_FILE)
     if not path.exists():
         raise ConfigError(f"{path} is missing")
     try:
@@ -152,7 +175,8 @@ def load_spec(model_dir: Path, defaults: BatchingOptions | None = None, override
     if not logits:
         raise ConfigError(f"{model_dir}: no logits output")
     logits_output = logits[0]
-    labels_path = model_dir / (logits_output.label_filename or LABELS_FILE)
+    labels_path = model_file(model_dir, logits_output.label_filename or LABELS_FILE,
+                             f"output {logits_output.name!r} label_filename")
     if labels_path.exists():
         labels = [line.strip() for line in labels_path.read_text().splitlines() if line.strip()]
     else:
@@ -191,8 +215,8 @@ def _batching_options(config: mc.ModelConfig, defaults: BatchingOptions) -> Batc
     return opts
 
 
-def read_metadata(version_dir: Path) -> dict:
-    path = version_dir / METADATA_FILE
+def read_metadata(model_dir: Path, version: int) -> dict:
+    path = version_file(model_dir, version, METADATA_FILE)
     return json.loads(path.read_text()) if path.exists() else {}
 
 

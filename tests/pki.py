@@ -1,5 +1,5 @@
 """A throwaway certificate authority for the tests, made at run time (no key is committed): a CA, a server
-certificate for 127.0.0.1 and localhost, a client certificate signed by the CA, and one signed by a stranger."""
+certificate for 127.0.0.1 and localhost, two client certificates signed by the CA, and one signed by a stranger."""
 
 from __future__ import annotations
 
@@ -23,13 +23,16 @@ class Pki:
     client_key: Path
     stranger_cert: Path   # a client certificate signed by another CA
     stranger_key: Path
+    operator_cert: Path   # a client certificate of the CA named "operator", alias ops.example.test
+    operator_key: Path
 
 
 def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _certificate(subject: str, key, issuer: str, issuer_key, *, ca: bool = False, server: bool = False):
+def _certificate(subject: str, key, issuer: str, issuer_key, *, ca: bool = False, server: bool = False,
+                 alias: str = ""):
     now = datetime.datetime.now(datetime.UTC)
     builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -41,6 +44,8 @@ def _certificate(subject: str, key, issuer: str, issuer_key, *, ca: bool = False
         builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
     elif not ca:
         builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        if alias:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(alias)]), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
 
 
@@ -54,7 +59,8 @@ def _write(directory: Path, name: str, cert, key) -> tuple[Path, Path]:
 
 def make_pki(directory: Path) -> Pki:
     directory.mkdir(parents=True, exist_ok=True)
-    keys = {n: ec.generate_private_key(ec.SECP256R1()) for n in ("ca", "server", "client", "other_ca", "stranger")}
+    keys = {n: ec.generate_private_key(ec.SECP256R1()) for n in ("ca", "server", "client", "other_ca", "stranger",
+                                                                   "operator")}
     ca = _certificate("test CA", keys["ca"], "test CA", keys["ca"], ca=True)
     other_ca = _certificate("another CA", keys["other_ca"], "another CA", keys["other_ca"], ca=True)
     ca_path, _ = _write(directory, "ca", ca, keys["ca"])
@@ -63,5 +69,7 @@ def make_pki(directory: Path) -> Pki:
     client = _write(directory, "client", _certificate("client", keys["client"], "test CA", keys["ca"]), keys["client"])
     stranger = _write(directory, "stranger",
                       _certificate("stranger", keys["stranger"], "another CA", keys["other_ca"]), keys["stranger"])
+    operator = _write(directory, "operator", _certificate("operator", keys["operator"], "test CA", keys["ca"],
+                                                          alias="ops.example.test"), keys["operator"])
     _write(directory, "other_ca", other_ca, keys["other_ca"])
-    return Pki(ca_path, *server, *client, *stranger)
+    return Pki(ca_path, *server, *client, *stranger, *operator)

@@ -3,8 +3,12 @@
 Images go out in requests of --batch-size, at most --window requests in flight per stream, one stream per
 server address, requests dealt round robin over the streams. Rows are appended to the output as answers
 arrive, so an interrupted job resumes where it stopped: ids already in the output are skipped and a
-half-written last line is dropped and redone. A stream that breaks is reopened; an address that keeps
-failing is dropped and its requests go to the others.
+half-written last line is dropped and redone. Every request names the version the job started with, and
+an answer from any other is refused, so the rows of one output come from one model version even when the
+servers swap versions under the job (`output.py` records it, and refuses to resume with another). A
+stream that breaks is reopened; an address that keeps failing is dropped and its requests go to the others.
+Waits between tries follow the client's retry policy (client/retry.py: backoff with jitter), the one gRPC
+applies to the calls it retries itself.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 
 from ..client import RETRYABLE, AsyncClassifierClient, ModelInfo, connection
 from .errors import BatchError
-from .output import Output, cam_file_name
+from .output import Output, WrittenWith, cam_file_name
 from .report import finish_report, summarize, unfinished, worst_mistakes
 from .rows import Truth, error_row, positions_to_do, prediction_rows
 from .sources import Source, open_source, resolve_labels
@@ -52,7 +56,6 @@ class JobOptions:
     window: int = 8
     timeout_s: float = 30.0
     retries: int = 3
-    backoff_s: float = 0.2
     cam_dir: Path | None = None
     cam_mistakes_only: bool = False
     progress: bool = True
@@ -62,7 +65,6 @@ class JobOptions:
 class RunStats:
     images: int = 0
     seconds: float = 0.0
-    model_versions: set = field(default_factory=set)
     retired: list[str] = field(default_factory=list)
 
 
@@ -87,7 +89,7 @@ class StreamJob:
     async def run(self) -> RunStats:
         from tqdm import tqdm
         started = time.perf_counter()
-        self._bar = tqdm(total=self._total, initial=self._initial, unit="img", disable=not self.o.progress,
+        self._bar = tqdm(total=self._total, initial=self._initial, unit="img", disable=None if self.o.progress else True,
                          smoothing=0.1, dynamic_ncols=True)
         try:
             while todo := [i for i in self.live if self.queues[i]]:
@@ -107,8 +109,9 @@ class StreamJob:
         queue, target, failures = self.queues[i], self.client.targets[i], 0
         while queue and i in self.live:
             in_flight: collections.deque[_Request] = collections.deque()
-            responses = self.client.classify_stream(self._feed(queue, in_flight), model=self.info.name,
-                                                    top_k=self.o.top_k, window=self.o.window, target_index=i)
+            responses = self.client.classify_stream_messages(self._feed(queue, in_flight), model=self.info.name,
+                                                             version=self.info.version, top_k=self.o.top_k,
+                                                             window=self.o.window, target_index=i)
             try:
                 while True:
                     try:
@@ -133,7 +136,7 @@ class StreamJob:
                 if failures > self.o.retries:
                     self._retire(i, f"{code.name}: {detail}")
                     return
-                await asyncio.sleep(self.o.backoff_s * 2 ** (failures - 1))
+                await asyncio.sleep(self.client.policy.delay(failures))
             finally:
                 await responses.aclose()
 
@@ -142,6 +145,12 @@ class StreamJob:
             request = queue.popleft()
             in_flight.append(request)  # before it is sent, so a broken stream knows what to redo
             yield request.request_id, self.source.images(request.positions)
+
+    @property
+    def _gone(self) -> str:
+        """What to do when the job's model version stops answering: its rows are that version's."""
+        return (f"the output holds {self.info.name} v{self.info.version}'s rows: run again once it is served, or "
+                f"with --fresh to start over with the version served now")
 
     def _retire(self, i: int, reason: str) -> None:
         """A target that keeps failing hands its requests to the others."""
@@ -160,12 +169,14 @@ class StreamJob:
         queue = self.queues[i]
         if response.error_code:
             code = _STATUS_BY_VALUE.get(response.error_code, grpc.StatusCode.UNKNOWN)
+            if code == grpc.StatusCode.NOT_FOUND:  # the job's model version is gone: no image's fault
+                raise BatchError(f"{self.client.targets[i]}: NOT_FOUND: {response.error_message}; {self._gone}")
             if code in REQUEST_RETRYABLE:
                 request.attempts += 1
                 if request.attempts > self.o.retries:
                     raise BatchError(f"request {request.request_id}: {code.name} after {self.o.retries} retries: "
                                      f"{response.error_message}")
-                await asyncio.sleep(self.o.backoff_s * 2 ** (request.attempts - 1))
+                await asyncio.sleep(self.client.policy.delay(request.attempts))
                 queue.appendleft(request)
             elif len(request.positions) > 1:
                 # One bad image fails its whole request: resend one by one to find it and keep the rest.
@@ -176,7 +187,8 @@ class StreamJob:
                 self._write([error_row(self.source, pos, code.name, response.error_message)])
             return
         reply = response.response
-        self.stats.model_versions.add((reply.model, reply.version))
+        if (reply.model, reply.version) != (self.info.name, self.info.version):
+            raise BatchError(f"{self.client.targets[i]} answered with {reply.model} v{reply.version}; {self._gone}")
         labels = [[p.label for p in result.predictions] for result in reply.results]
         scores = [[p.score for p in result.predictions] for result in reply.results]
         predicted = np.array([result.predictions[0].index for result in reply.results], np.int64)
@@ -203,7 +215,7 @@ class StreamJob:
             if len(positions):
                 try:
                     explanations = await self.client.explain(self.source.images(positions), model=self.info.name,
-                                                             overlay=True)
+                                                             version=self.info.version, overlay=True)
                 except grpc.aio.AioRpcError as e:  # not the stream's failure: stop, the rows stay to be redone
                     raise BatchError(f"Explain failed: {e.code().name}: {e.details()}") from None
                 for j, e in zip(np.flatnonzero(wanted).tolist(), explanations, strict=True):
@@ -226,11 +238,13 @@ async def run_job(args: argparse.Namespace) -> int:
     source = open_source(args)
     targets = [t.strip() for t in args.server.split(",") if t.strip()]
     tls, token = connection.from_arguments(args)
-    async with AsyncClassifierClient(targets, timeout_s=args.timeout, tls=tls, token=token) as client:
-        info = await client.get_model(args.model)
+    async with AsyncClassifierClient(targets, timeout_s=args.timeout, retries=args.retries, tls=tls,
+                                     token=token) as client:
+        info = await client.get_model(args.model, args.model_version)
         top_k = max(1, min(args.top_k, len(info.labels)))
         output = Output(args.output, top_k)
-        todo, already = positions_to_do(source, output.resume(), args.stop_after)
+        written = output.begin(WrittenWith(info.name, info.version), fresh=args.fresh)
+        todo, already = positions_to_do(source, written, args.stop_after)
         truth = Truth(*resolve_labels(source.labels, info.labels))
         cam_dir = Path(args.cam_dir) if args.cam_dir else None
         if cam_dir and not info.supports_cam:
@@ -252,14 +266,11 @@ async def run_job(args: argparse.Namespace) -> int:
             stats = await job.run()
         finally:
             output.close()
-        if len(stats.model_versions) > 1:
-            print(f"warning: the servers answered with different models: {sorted(stats.model_versions)}",
-                  file=sys.stderr)
         rows = output.resume()
         if unfinished(rows, source):
             return 0
         summary = {"input": source.description, "output": str(output.path), "model": info.name,
-                   "versions": sorted(v for _, v in stats.model_versions) or [info.version],
+                   "versions": [info.version],  # every row's: begin() and the answers' check see to it
                    "servers": targets, **summarize(rows, info.labels), "images_this_run": stats.images,
                    "seconds": round(stats.seconds, 3),
                    "images_per_second": round(stats.images / stats.seconds, 1) if stats.images else None}
@@ -267,16 +278,20 @@ async def run_job(args: argparse.Namespace) -> int:
             summary["servers_given_up"] = stats.retired
         mistakes, positions = worst_mistakes(rows, source, args.sheet_size)
         finish_report(summary, info.labels, info.name, str(output.path), mistakes,
-                      await _mistake_pictures(client, source, positions, info.name))
+                      await _mistake_pictures(client, source, positions, info))
     return 0
 
 
-async def _mistake_pictures(client: AsyncClassifierClient, source: Source, positions: np.ndarray, model: str) -> list:
-    """CAM overlays of the mistakes (Explain), or the inputs themselves when the model cannot explain."""
+async def _mistake_pictures(client: AsyncClassifierClient, source: Source, positions: np.ndarray,
+                            info: ModelInfo) -> list:
+    """CAM overlays of the mistakes (Explain, by the version that wrote the rows), or the inputs themselves when
+    the model cannot explain."""
     if not len(positions):
         return []
     try:
-        return [e.overlay_png for e in await client.explain(source.images(positions), model=model, overlay=True)]
+        explanations = await client.explain(source.images(positions), model=info.name, version=info.version,
+                                            overlay=True)
+        return [e.overlay_png for e in explanations]
     except grpc.aio.AioRpcError as e:
         print(f"no CAM overlays on the mistakes sheet ({e.code().name}: {e.details()})", file=sys.stderr)
         return [source.picture(int(p)) for p in positions]

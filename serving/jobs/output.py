@@ -1,5 +1,12 @@
 """A batch job's output: one row per image, appended as answers arrive (JSONL, CSV, or a Parquet dataset of
-part files), read back to resume an interrupted job and to summarise."""
+part files), read back to resume an interrupted job and to summarise.
+
+Next to it, `<output>.job.json` records the model and version that wrote the rows. It is written before the
+first row, so rows never exist without it, and it is the one check of every engine when a job starts: an
+output written with another model or version is refused rather than resumed (its rows would be counted as
+done and summarised as this model's), unless the job is asked for a fresh output. It is a file of its own,
+not a column, so that the three formats carry it alike and the rows of both engines stay the same.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +15,29 @@ import io
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 
-from .errors import BatchError
+from ..client.messages import IMAGE_SUFFIXES
+from .errors import BatchError, OutputOfAnotherModel
 
-PARQUET_EXTRA_HINT = "Parquet needs pyarrow: pip install 'cnn-serving[ray]'"
+PARQUET_EXTRA_HINT = "Parquet needs pyarrow: pip install 'cnn-serving[parquet]'"
+MANIFEST_SUFFIX = ".job.json"
+# What a job writes next to its rows, all of which describe the rows: a fresh output removes them with the rows.
+REPORT_SUFFIXES = (".summary.json", ".confusion.png", ".mistakes.png")
+
+
+@dataclass(frozen=True)
+class WrittenWith:
+    """The model version whose answers an output holds: the resolved name (also when the job named none and
+    the server's only model answered) and the version number."""
+    model: str
+    version: int
+
+    def __str__(self) -> str:
+        return f"{self.model} v{self.version}"
 
 
 class Output:
@@ -29,6 +52,72 @@ class Output:
             f"{kind}_{i}" for i in range(1, top_k + 1) for kind in ("label", "score")]
         self._file = None
         self._parts = 0
+
+    @property
+    def manifest(self) -> Path:
+        return Path(f"{self.path}{MANIFEST_SUFFIX}")
+
+    def begin(self, written_with: WrittenWith, fresh: bool = False) -> list[dict]:
+        """The rows a job writing with `written_with` finds already done, after checking that they are that
+        model version's; the model version is recorded before any row is written. With `fresh` the old
+        output and its report are discarded first. An output holding rows of another model or version, or
+        rows that record none, is refused with OutputOfAnotherModel."""
+        if fresh:
+            self.discard()
+        recorded = self.recorded()
+        if recorded != written_with and self._holds_rows():
+            if recorded is None:
+                raise OutputOfAnotherModel(
+                    f"{self.path} holds rows but no record of the model that wrote them ({self.manifest.name} is "
+                    f"missing); give --fresh to discard it and classify with {written_with}, or another --output")
+            raise OutputOfAnotherModel(
+                f"{self.path} was written with {recorded}, not {written_with}: resuming would mix two models; "
+                f"give --fresh to discard it and start again, or another --output")
+        rows = self.resume()
+        if recorded != written_with:
+            _write_atomically(self.manifest, orjson.dumps({"model": written_with.model,
+                                                           "version": written_with.version}) + b"\n")
+        return rows
+
+    def recorded(self) -> WrittenWith | None:
+        """The model version recorded next to the output, or None when there is no record."""
+        try:
+            data = orjson.loads(self.manifest.read_bytes())
+            return WrittenWith(str(data["model"]), int(data["version"]))
+        except FileNotFoundError:
+            return None
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise BatchError(f"{self.manifest} is not a record of a model and version ({e}); "
+                             f"give --fresh to discard the output, or another --output") from None
+
+    def discard(self) -> None:
+        """Remove the rows, their record and the report written from them (a fresh output): only the files
+        a job writes, so a Parquet folder keeps anything else put in it."""
+        try:
+            recorded = self.recorded()
+        except BatchError:  # an unreadable record goes with the rows it was about
+            recorded = None
+        removed = self._holds_rows()
+        if self.parquet and self.path.is_dir():
+            for part in [*self.path.glob("part-*.parquet"), *self.path.glob(".*.tmp")]:
+                part.unlink()
+        elif self.path.is_file():
+            self.path.unlink()
+        for path in [self.manifest] + [Path(f"{self.path}{suffix}") for suffix in REPORT_SUFFIXES]:
+            path.unlink(missing_ok=True)
+        if removed:
+            print(f"{self.path}: discarded the rows of {recorded or 'an unrecorded model'} (--fresh)", file=sys.stderr)
+
+    def _holds_rows(self) -> bool:
+        """Whether the output holds at least one whole row (a lone half-written line is no row: it is redone)."""
+        if self.parquet:
+            return self.path.is_dir() and any(self.path.glob("part-*.parquet"))
+        if not self.path.is_file():
+            return False
+        with self.path.open("rb") as f:
+            if self.csv:
+                f.readline()  # the header
+            return f.readline().endswith(b"\n")
 
     def resume(self) -> list[dict]:
         """Rows already written; a last line cut short by an interruption is removed from the file."""
@@ -60,11 +149,12 @@ class Output:
             return []
         if header != self.columns:
             raise BatchError(f"{self.path} has columns {header}; this run writes {self.columns} (another --top-k?). "
-                             f"Use the same options or another --output")
+                             f"Use the same options, --fresh or another --output")
         return [_row_from_csv(dict(zip(header, r, strict=False))) for r in reader if r]
 
     def open(self) -> None:
         if self.parquet:
+            pyarrow_modules()  # without pyarrow, say so before an empty output folder is left behind
             self.path.mkdir(parents=True, exist_ok=True)
             self._parts = max((int(p.stem.split("-")[1]) + 1 for p in self.path.glob("part-*.parquet")), default=0)
             return
@@ -108,6 +198,14 @@ class Output:
         if self._file:
             self._file.close()
             self._file = None
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write a whole file or nothing: a job stopped while writing leaves the previous record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name("." + path.name + ".tmp")
+    staging.write_bytes(data)
+    os.replace(staging, path)
 
 
 def pyarrow_modules():
@@ -159,4 +257,6 @@ def _row_from_csv(flat: dict) -> dict:
 
 
 def cam_file_name(image_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("_") + ".png"
+    """`Bag/a.png` gives `Bag_a_cam.png` (as `explain` names its files), not `Bag_a.png.png`."""
+    stem = image_id[: -len(Path(image_id).suffix)] if Path(image_id).suffix.lower() in IMAGE_SUFFIXES else image_id
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("_") + "_cam.png"

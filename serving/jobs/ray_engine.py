@@ -7,8 +7,9 @@ decode -> one run -> probabilities and ranking), next to the data, with no serve
 
 The rows are the gRPC engine's (same ids, top-k, scores and true labels: `rows.py` builds them for both),
 written by the driver as batches come back, so an interrupted job resumes the same way: ids already in the
-output are skipped. The driver lists the input (ids, labels, and the pixels or bytes of in-memory inputs);
-image files are read by the actors, so the files and the model repository must be readable by every node.
+output are skipped, and an output written with another model or version is refused (`output.py`). The
+driver lists the input (ids, labels, and the pixels or bytes of in-memory inputs); image files are read by
+the actors, so the files and the model repository must be readable by every node.
 """
 
 from __future__ import annotations
@@ -23,9 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ..repository_format import BUNDLED_REPOSITORY, CONFIG_FILE, ModelSpec, list_versions, load_spec, select_versions
+from ..repository_format import (
+    BUNDLED_REPOSITORY,
+    CONFIG_FILE,
+    ConfigError,
+    ModelSpec,
+    list_versions,
+    load_spec,
+    select_versions,
+)
 from .errors import BatchError
-from .output import Output
+from .output import Output, WrittenWith
 from .report import finish_report, summarize, unfinished, worst_mistakes
 from .rows import Truth, error_row, positions_to_do, prediction_rows
 from .sources import Source, open_source, resolve_labels
@@ -48,8 +57,8 @@ BLOCKS_PER_ACTOR = 3
 ACTORS_START_TIMEOUT_S = 300
 
 
-def choose_model(repository: Path, model: str) -> tuple[ModelSpec, int]:
-    """The named model (or the repository's only one) at the newest version its version policy serves."""
+def choose_model(repository: Path, model: str, version: int = 0) -> tuple[ModelSpec, int]:
+    """The named model (or the repository's only one) at `version`, or (0) the newest its version policy serves."""
     if not repository.is_dir():
         raise BatchError(f"model repository {repository} is not a directory")
     names = sorted(p.name for p in repository.iterdir() if (p / CONFIG_FILE).exists())
@@ -59,7 +68,15 @@ def choose_model(repository: Path, model: str) -> tuple[ModelSpec, int]:
         model = names[0]
     if model not in names:
         raise BatchError(f"model {model!r} is not in {repository} (models: {', '.join(names) or 'none'})")
-    spec = load_spec(repository / model)
+    try:
+        spec = load_spec(repository / model)
+    except ConfigError as e:  # what the server would report for the model, as one line
+        raise BatchError(str(e)) from None
+    if version:
+        if version not in list_versions(spec.directory):
+            raise BatchError(f"model {model!r} has no version {version} in {repository} (versions: "
+                             f"{', '.join(map(str, list_versions(spec.directory))) or 'none'})")
+        return spec, version
     versions = select_versions(spec.config, list_versions(spec.directory))
     if not versions:
         raise BatchError(f"model {model!r} has no version directory with a model file in {repository}")
@@ -342,17 +359,19 @@ def run_job(args: argparse.Namespace) -> int:
     if args.cam_dir:
         raise BatchError("--cam-dir is for the gRPC engine; the Ray engine writes rows and the summary")
     source = open_source(args)
-    spec, version = choose_model(Path(args.model_repository or BUNDLED_REPOSITORY), args.model)
+    spec, version = choose_model(Path(args.model_repository or BUNDLED_REPOSITORY), args.model,
+                                 args.model_version)
     top_k = max(1, min(args.top_k, spec.num_classes))
     output = Output(args.output, top_k)
-    todo, already = positions_to_do(source, output.resume(), args.stop_after)
+    written = output.begin(WrittenWith(spec.name, version), fresh=args.fresh)  # before Ray starts: a refusal is quick
+    todo, already = positions_to_do(source, written, args.stop_after)
     truth = Truth(*resolve_labels(source.labels, spec.labels))
     print(f"{source.description}: {len(source)} images, {already} done already, {len(todo)} to classify with "
           f"{spec.name} v{version} on Ray", file=sys.stderr)
     from tqdm import tqdm
     output.open()
     try:
-        with tqdm(total=len(source), initial=already, unit="img", disable=args.no_progress, smoothing=0.1,
+        with tqdm(total=len(source), initial=already, unit="img", disable=True if args.no_progress else None, smoothing=0.1,
                   dynamic_ncols=True) as progress:
             run = classify(args, source, spec, version, todo, top_k, truth, output, progress) if len(todo) else RayRun()
     finally:

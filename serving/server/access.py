@@ -1,5 +1,6 @@
 """Who may reach the server and what they may call: TLS (and client certificates), bearer tokens in two
-roles, and the refusal to listen beyond loopback with no authentication at all.
+roles, client-certificate identities allowed to manage, the refusal to listen beyond loopback with no
+authentication at all, and the audit line of every refused call.
 
 Tokens are read once at start. A call presents one as `authorization: Bearer <token>` metadata; it is
 compared with every known token in constant time (HMAC comparison of SHA-256 digests, never stopping at
@@ -12,7 +13,9 @@ import enum
 import hashlib
 import hmac
 import ipaddress
+import logging
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,8 @@ from pathlib import Path
 import grpc
 
 from .errors import PermissionDenied, Unauthenticated
+
+audit_log = logging.getLogger("serving.audit")
 
 INFERENCE_TOKENS_ENV = "CNN_SERVING_AUTH_TOKENS"
 ADMIN_TOKENS_ENV = "CNN_SERVING_ADMIN_TOKENS"
@@ -110,15 +115,97 @@ class TokenCheck:
             raise Unauthenticated("the token is not valid for this server")
         return Role(role)
 
-    def require(self, metadata, needed: Role, method: str) -> None:
-        """Raise unless the call's token allows `needed`."""
-        if self.role_of(metadata) >= needed:
+
+
+def certificate_identities(auth_context: dict) -> set[str]:
+    """The names a verified client certificate carries: its common name and every subject alternative name
+    (DNS, e-mail, URI, IP), as gRPC's auth context lists them."""
+    names = set()
+    for key in ("x509_common_name", "x509_subject_alternative_name"):
+        for value in auth_context.get(key, ()):
+            names.add(value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value))
+    return names
+
+
+class Access:
+    """Who may call what, from the call's token and (under mutual TLS) its client certificate.
+
+    - No tokens and no client certificates (loopback, or --allow-unauthenticated): every call is allowed.
+    - Tokens: every call needs one; an admin token allows the management RPCs.
+    - Mutual TLS: the handshake has verified the certificate, which allows inference and metadata calls.
+      Management needs an admin token or a certificate whose common name or a subject alternative name is in
+      `admin_identities` (--admin-client-identity); with neither configured, management is refused to all.
+    """
+
+    def __init__(self, tokens: TokenCheck, mutual_tls: bool = False, admin_identities: Iterable[str] = ()):
+        self.tokens = tokens
+        self.mutual_tls = mutual_tls
+        self.admin_identities = frozenset(admin_identities)
+        self.open = not tokens and not mutual_tls  # nobody is asked who they are
+
+    @property
+    def can_manage(self) -> bool:
+        """Whether anyone at all may call the management RPCs."""
+        return self.open or self.tokens.has_admin or bool(self.mutual_tls and self.admin_identities)
+
+    def check(self, metadata, auth_context, needed: Role | None, method: str) -> None:
+        """Raise Unauthenticated or PermissionDenied unless the call may run a method needing `needed`.
+        `auth_context` is a callable, asked only for a management call (it copies the peer's certificate)."""
+        if needed is None or self.open:
             return
-        if not self.has_admin:
-            raise PermissionDenied(f"{method} is a management call and this server has no admin token: start it "
-                                   "with --admin-token-file to allow management calls")
-        raise PermissionDenied(f"{method} is a management call: it needs an admin token (the server's "
-                               "--admin-token-file); this token allows inference and metadata calls only")
+        role = self.tokens.role_of(metadata) if self.tokens else Role.INFERENCE
+        if role >= needed:
+            return
+        if self.mutual_tls and self.admin_identities and certificate_identities(auth_context()) & self.admin_identities:
+            return
+        if not self.can_manage:
+            raise PermissionDenied(f"{method} is a management call and this server allows nobody to manage it: "
+                                   "start it with --admin-token-file, or (mutual TLS) --admin-client-identity")
+        ways = ["an admin token (the server's --admin-token-file)"] if self.tokens.has_admin else []
+        if self.mutual_tls and self.admin_identities:
+            ways.append("a client certificate named in the server's --admin-client-identity")
+        raise PermissionDenied(f"{method} is a management call: it needs {' or '.join(ways)}; this caller may "
+                               "make inference and metadata calls only")
+
+
+class _UndecodableMetadata(logging.Filter):
+    """grpcio logs a metadata value that is not UTF-8 at ERROR, with the raw bytes and a traceback: for an
+    `authorization` value, the token itself. Such a record is cut to one line without the value."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Invalid encoding on"):
+            size = len(record.args[0]) if record.args and isinstance(record.args[0], bytes | str) else "?"
+            record.msg, record.args = "a call's metadata value is not UTF-8 (%s bytes, not logged)", (size,)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def redact_undecodable_metadata() -> None:
+    """Install the filter above on grpcio's logger (once)."""
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, _UndecodableMetadata) for f in grpc_log.filters):
+        grpc_log.addFilter(_UndecodableMetadata())
+
+
+class RefusalLog:
+    """One audit line per refused call (method, peer, reason), at most `per_second` lines a second: a flood of
+    refused calls must not become a flood of log lines. The next line logged says how many were left out."""
+
+    def __init__(self, per_second: float = 10.0):
+        self.interval = 1.0 / per_second
+        self.next_at = 0.0
+        self.left_out = 0
+
+    def refused(self, method: str, peer: str, reason: str) -> None:
+        now = time.monotonic()
+        if now < self.next_at:
+            self.left_out += 1
+            return
+        self.next_at = now + self.interval
+        more = f" (+{self.left_out} refused call(s) not logged)" if self.left_out else ""
+        self.left_out = 0
+        audit_log.warning("refused %s from %s: %s%s", method, peer, reason, more)
 
 
 @dataclass(frozen=True)

@@ -9,19 +9,30 @@ import logging
 import os
 import sys
 
+from ..cli_support import DefaultsHelpFormatter
+
 SERVER_EXTRA_HINT = "the server is not installed: pip install 'cnn-serving[server]'"
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-repository", default="", help="repository directory "
                    "(default: the bundled one, in a checkout)")
+    p.add_argument("--default-model", default="", help="the model a request that names none gets (default: "
+                   "the only one in the repository; with several, such a request is refused)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all: needs tokens, "
                    "client certificates or --allow-unauthenticated)")
     p.add_argument("--port", type=int, default=8001, help="gRPC port (0 = any free port)")
-    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus HTTP port (0 = off)")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus HTTP port, serving /metrics (0 = off)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics port (default loopback: "
+                   "0.0.0.0 or :: lets a scraper on another host in)")
+    p.add_argument("--strict-readiness", action=argparse.BooleanOptionalAction, default=True,
+                   help="ready (health SERVING, ServerReady true) only when every model in the repository, less "
+                   "those unloaded on request, has a ready version, and there is at least one (default); "
+                   "--no-strict-readiness: ready once started, whatever the models")
     p.add_argument("--poll-interval", type=float, default=0.0, help="seconds between repository scans "
                    "that load new versions without restart (0 = off)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="execution provider: auto "
+                   "picks CUDA where usable, else the CPU; cuda refuses to start without a usable GPU")
     p.add_argument("--tensorrt", action="store_true", help="try the TensorRT provider first")
     p.add_argument("--trt-cache-dir", default="", help="TensorRT engine cache directory")
     p.add_argument("--cuda-graphs", action="store_true", help="CUDA provider: capture one CUDA graph per batch-size "
@@ -37,7 +48,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message accepted")
     p.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                    help="uvloop where installed (auto): about 0.07 ms less CPU per request than asyncio's loop")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="the server log's threshold")
     access = p.add_argument_group("access (see README, Security)")
     access.add_argument("--tls-cert", default="", help="server certificate chain (PEM): turns on TLS")
     access.add_argument("--tls-key", default="", help="the certificate's private key (PEM)")
@@ -47,6 +59,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                         "one as `authorization: Bearer <token>`; also read from $CNN_SERVING_AUTH_TOKENS")
     access.add_argument("--admin-token-file", default="", help="tokens that alone may load and unload models "
                         "(and may call everything else); also read from $CNN_SERVING_ADMIN_TOKENS")
+    access.add_argument("--admin-client-identity", default="", help="mutual TLS: comma-separated client-certificate "
+                        "names (common name or subject alternative name) that may load and unload models; without "
+                        "it or an admin token, management is refused to every caller")
     access.add_argument("--allow-unauthenticated", action="store_true", help="listen on a non-loopback --host "
                         "with neither tokens nor client certificates")
     life = p.add_argument_group("shutdown and connections (see README, Reliability)")
@@ -54,24 +69,35 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                       "says NOT_SERVING but calls are still accepted (endpoint propagation)")
     life.add_argument("--exit-timeout", type=float, default=30.0, help="then the longest wait, in seconds, for "
                       "accepted calls to be answered before the models are unloaded")
-    life.add_argument("--grpc-max-connection-age", type=float, default=0.0, help="seconds after which a client "
-                      "connection is asked to reconnect, so clients spread over new replicas (0 = never)")
+    life.add_argument("--grpc-max-connection-age", type=float, default=1800.0, help="seconds after which a client "
+                      "connection is asked to reconnect, so clients spread over new replicas (0 = never; default "
+                      "%(default)s)")
     life.add_argument("--grpc-max-connection-age-grace", type=float, default=0.0, help="seconds an aged "
                       "connection's calls may still take before it is closed (0 = no limit)")
+    life.add_argument("--grpc-max-connection-idle", type=float, default=300.0, help="seconds after which a "
+                      "connection with no call is closed (0 = never; default %(default)s)")
+    life.add_argument("--grpc-max-concurrent-streams", type=int, default=1024, help="calls open at once on one "
+                      "connection (default %(default)s)")
+    life.add_argument("--grpc-handshake-timeout", type=float, default=10.0, help="seconds a new connection has to "
+                      "finish TLS and the HTTP/2 preface (default %(default)s)")
+    life.add_argument("--max-connections", type=int, default=4096, help="client connections open at once; more "
+                      "are refused, with a log line (0 = no cap; default %(default)s)")
 
 
 def _server_options(args: argparse.Namespace):
     from ..repository_format import BUNDLED_REPOSITORY
     from .access import ADMIN_TOKENS_ENV, INFERENCE_TOKENS_ENV, TlsFiles, read_tokens
     from .app import ServerOptions
+    from .connections import ConnectionLimits
     from .runtime import RuntimeOptions
     overrides = {k: v for k, v in {"max_batch_size": args.max_batch_size, "max_queue_delay_us": args.max_queue_delay_us,
                                    "instances": args.instances, "max_queue_size": args.max_queue_size,
                                    "inline_budget_us": args.inline_budget_us}.items()
                  if v is not None}
     return ServerOptions(
-        repository=args.model_repository or str(BUNDLED_REPOSITORY), host=args.host, port=args.port,
-        metrics_port=args.metrics_port,
+        repository=args.model_repository or str(BUNDLED_REPOSITORY), default_model=args.default_model, host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host, strict_readiness=args.strict_readiness,
         poll_interval_s=args.poll_interval, max_message_bytes=args.max_message_mb * 1024 * 1024,
         runtime=RuntimeOptions(device=args.device, tensorrt=args.tensorrt, trt_cache_dir=args.trt_cache_dir,
                                intra_op_threads=args.intra_op_threads, spin_wait=args.ort_spin,
@@ -80,13 +106,18 @@ def _server_options(args: argparse.Namespace):
         tls=TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca),
         inference_tokens=read_tokens(args.auth_token_file, INFERENCE_TOKENS_ENV),
         admin_tokens=read_tokens(args.admin_token_file, ADMIN_TOKENS_ENV),
+        admin_identities=tuple(n.strip() for n in args.admin_client_identity.split(",") if n.strip()),
         allow_unauthenticated=args.allow_unauthenticated,
         drain_delay_s=args.drain_delay, exit_timeout_s=args.exit_timeout,
-        max_connection_age_s=args.grpc_max_connection_age,
-        max_connection_age_grace_s=args.grpc_max_connection_age_grace)
+        connections=ConnectionLimits(
+            max_connections=args.max_connections, max_concurrent_streams=args.grpc_max_concurrent_streams,
+            idle_s=args.grpc_max_connection_idle, age_s=args.grpc_max_connection_age,
+            age_grace_s=args.grpc_max_connection_age_grace, handshake_timeout_s=args.grpc_handshake_timeout))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.environment_errors:  # a CNN_SERVING_* variable that does not parse: refused as a bad flag would be
+        args.serve_parser.error("; ".join(args.environment_errors))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         from .app import event_loop_factory, serve
@@ -116,28 +147,35 @@ def serve_flags(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 
 def apply_environment(parser: argparse.ArgumentParser, environ: dict[str, str]) -> None:
     """Every serve flag may come from its CNN_SERVING_* variable (containers and Kubernetes set those);
-    a flag on the command line still wins. A value that does not parse is refused with the variable named."""
+    a flag on the command line still wins. A value that does not parse is refused with the variable named, when
+    `serve` runs: the variables are the server's, and a client command run in the same environment ignores them."""
+    errors: list[str] = []
+    parser.set_defaults(environment_errors=errors, serve_parser=parser)
     for action in serve_flags(parser):
         name = environment_variable(action)
         if name not in environ:
             continue
         raw = environ[name].strip()
-        if isinstance(action, argparse._StoreTrueAction):
+        if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
             if raw.lower() not in _TRUE | _FALSE:
-                parser.error(f"{name}={raw!r}: use 1/true/yes or 0/false/no")
+                errors.append(f"{name}={raw!r}: use 1/true/yes or 0/false/no")
+                continue
             value = raw.lower() in _TRUE
         else:
             try:
                 value = action.type(raw) if action.type else raw
             except ValueError:
-                parser.error(f"{name}={raw!r} is not a valid {action.type.__name__}")
+                errors.append(f"{name}={raw!r} is not a valid {action.type.__name__}")
+                continue
             if action.choices and value not in action.choices:
-                parser.error(f"{name}={raw!r}: choose one of {', '.join(map(str, action.choices))}")
+                errors.append(f"{name}={raw!r}: choose one of {', '.join(map(str, action.choices))}")
+                continue
         parser.set_defaults(**{action.dest: value})
 
 
 def add_subcommands(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve a model repository over gRPC (needs the [server] extra)",
+                              formatter_class=DefaultsHelpFormatter,
                               epilog=f"Every flag can be set by its {ENV_PREFIX}* variable: --exit-timeout by "
                               f"{ENV_PREFIX}EXIT_TIMEOUT, --allow-unauthenticated by {ENV_PREFIX}ALLOW_UNAUTHENTICATED=1.")
     _serve_args(p)

@@ -8,6 +8,19 @@ traceback, and reaches the caller as INTERNAL with the model and version named a
 
 from __future__ import annotations
 
+# The longest a caller's identifier is echoed in an error message: enough for any real model name or version,
+# while a name of any size (the message limit allows megabytes) costs each answer and log line a bounded size.
+SHOWN_NAME_CHARS = 64
+
+
+def shown(name: str) -> str:
+    """A caller's identifier (model name, version string, tensor or output name, datatype) as an error message
+    quotes it: repr, so control characters cannot forge log lines; past SHOWN_NAME_CHARS cut with an ellipsis
+    and the full length, so the caller can tell its name was cut and by how much."""
+    if len(name) <= SHOWN_NAME_CHARS:
+        return repr(name)
+    return f"{name[:SHOWN_NAME_CHARS]!r}... ({len(name)} characters)"
+
 
 class ServingError(Exception):
     """Base of the errors below; the message is written for the caller and says what to fix."""

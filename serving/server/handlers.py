@@ -1,25 +1,38 @@
 """What runs around each call of the server's own services (classifier.v1 and KServe v2), wrapped once per
-method at registration: the token check, admission (refused while shutting down, counted in flight for the
-drain) and the Prometheus counts by method and status code.
+method at registration, in this order:
 
-Wrapping at registration costs nothing on a call beyond the wrapper's own work: a server interceptor does
-the same around every call at about 80 µs of CPU per request here, a tenth of the whole per-request cost.
-Health and reflection are registered without these wrappers: probes and tooling need no token and keep
-answering while the server drains (health says NOT_SERVING then).
+1. the call is counted (Prometheus, by method and final status code; unary calls and streams alike);
+2. the caller is checked (token, client certificate) and admitted (refused while the server drains), and
+   every refusal gets an audit line;
+3. only then is the request body read and parsed;
+4. any error the method raises becomes its status (api/status.py): a ServingError its own code, anything
+   else INTERNAL with the traceback logged, never grpc's UNKNOWN with the exception's text.
+
+Step 3 is why a unary method is registered as a client-streaming one: grpc.aio reads, decompresses and parses
+a unary request's whole message before the handler runs, so a caller with no token could make the server
+hold up to --max-message-mb per call (24 such calls held a gigabyte). Registered this way the body is read
+by the handler itself, after the checks; a refused call's body is never read, and gRPC core keeps at most a
+flow-control window of it. The wire does not change: a unary call and a client stream with one message
+look the same to the client. The body is parsed here too, so a malformed message is the caller's mistake
+(INVALID_ARGUMENT), not UNKNOWN.
+
+Wrapping at registration costs nothing on a call beyond the wrapper's own work (a server interceptor does
+the same around every call at about 80 µs of CPU per request here). Health and reflection are registered
+without it: probes and tooling need no token and keep answering while the server drains.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from ..wire.inference import grpc_service_pb2 as kserve_pb
-from .access import Role, TokenCheck
+from .access import Access, RefusalLog, Role
 from .api.status import status_of
 from .drain import STREAM_CUT, Admission
-from .errors import ServingError, ShuttingDown
+from .errors import InvalidInput, ServingError, ShuttingDown
 from .metrics import Metrics
 
 KSERVE = "/inference.GRPCInferenceService/"
@@ -35,6 +48,12 @@ OPEN_METHODS = frozenset({KSERVE + "ServerLive", KSERVE + "ServerReady", KSERVE 
 # reports INTERNAL ("Internal error from Core") in place of it about one time in three (its write fails
 # after the status came); the pause lets a client's window of writes land first (200 in 200 then).
 STREAM_END_PAUSE_S = 0.05
+# A refused stream has run nothing, so its requests are read (and dropped) until its client half-closes or
+# has sent nothing for STREAM_REFUSAL_GAP_S (it waits for answers), for at most STREAM_REFUSAL_READ_S: on a
+# loaded machine a client's writes can take longer than the pause above, and the status then comes once they
+# have landed (with the 50 ms pause alone, refused grpc.aio streams still saw INTERNAL now and then here).
+STREAM_REFUSAL_GAP_S = 0.25
+STREAM_REFUSAL_READ_S = 1.0
 
 
 def required_role(method: str) -> Role | None:
@@ -44,126 +63,166 @@ def required_role(method: str) -> Role | None:
     return Role.ADMIN if method in ADMIN_METHODS else Role.INFERENCE
 
 
-# (full method name, handler) -> handler
-Wrapper = Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler]
+def parse(deserialize: Callable[[bytes], object] | None, raw: bytes):
+    """A request message from its bytes; a body that is not the method's message is the caller's mistake."""
+    if deserialize is None:
+        return raw
+    try:
+        return deserialize(raw)
+    except (DecodeError, ValueError, TypeError, RuntimeError) as e:  # protobuf's parsers raise these
+        raise InvalidInput(f"the request body is not a valid message of this method ({len(raw)} bytes; "
+                           f"{type(e).__name__})") from None
 
 
-def counted(metrics: Metrics) -> Wrapper:
-    """Count unary calls by status code, and the calls in flight."""
-    def wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        if not handler.unary_unary:
-            return handler
-        inner, name = handler.unary_unary, method.rsplit("/", 1)[-1]
-        gauge = metrics.in_flight.labels(name)
+class CallGate:
+    """Wraps each method handler of our services (see the module's docstring)."""
 
-        async def counting(request, context):
-            gauge.inc()
-            code = "OK"
-            try:
-                return await inner(request, context)
-            except BaseException:
-                code = context.code().name if context.code() else "UNKNOWN"
-                raise
-            finally:
-                gauge.dec()
-                metrics.rpcs.labels(name, code).inc()
+    def __init__(self, access: Access, admission: Admission, metrics: Metrics, refusals: RefusalLog | None = None):
+        self.access, self.admission, self.metrics = access, admission, metrics
+        self.refusals = refusals or RefusalLog()
 
-        return handler._replace(unary_unary=counting)
-    return wrap
+    def _admit(self, context, needed: Role | None, name: str) -> None:
+        """The caller's credential, then admission; raises the refusal (already audit-logged)."""
+        try:
+            self.access.check(context.invocation_metadata(), context.auth_context, needed, name)
+            self.admission.enter()
+        except ServingError as e:
+            self.refusals.refused(name, context.peer(), str(e))
+            raise
 
-
-def guarded(tokens: TokenCheck, admission: Admission) -> Wrapper:
-    """Check the call's token (when the server has tokens) and admit it (unless the server is shutting down).
-    A stream that admission cuts short ends UNAVAILABLE once the requests it read are answered."""
-    def wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        needed = required_role(method) if tokens else None
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        needed = required_role(method)
         name = method.rsplit("/", 1)[-1]
-
-        def admit(context) -> None:
-            if needed is not None:
-                tokens.require(context.invocation_metadata(), needed, name)
-            admission.enter()
-
         if handler.unary_unary:
-            inner = handler.unary_unary
+            return self._unary(handler, needed, name)
+        if handler.stream_stream:
+            return self._stream(handler, needed, name)
+        raise TypeError(f"{method}: only unary and bidirectional streaming methods are served")
 
-            async def unary(request, context):
+    def _unary(self, handler: grpc.RpcMethodHandler, needed: Role | None, name: str) -> grpc.RpcMethodHandler:
+        inner, deserialize = handler.unary_unary, handler.request_deserializer
+        admit, admission = self._admit, self.admission
+        gauge, calls = self.metrics.in_flight.labels(name), self.metrics.rpcs
+
+        async def unary(requests: AsyncIterator[bytes], context):
+            with _Counted(gauge, calls, name, context):
                 try:
-                    admit(context)
+                    admit(context, needed, name)
                 except ServingError as e:
                     await context.abort(*status_of(e))
                 try:
-                    return await inner(request, context)
+                    try:
+                        request = parse(deserialize, await anext(requests))
+                    except StopAsyncIteration:
+                        raise InvalidInput("the call carried no request message") from None
+                    except ServingError as e:
+                        await context.abort(*status_of(e))
+                    try:
+                        return await inner(request, context)
+                    except grpc.aio.AbortError:
+                        raise  # the servicer chose the status
+                    except Exception as e:  # noqa: BLE001 - every error of every RPC becomes a mapped status
+                        await context.abort(*status_of(e))
                 finally:
                     admission.leave()
 
-            return handler._replace(unary_unary=unary)
-        if handler.stream_stream:
-            inner_stream = handler.stream_stream
+        return grpc.stream_unary_rpc_method_handler(unary, response_serializer=handler.response_serializer)
 
-            async def stream(request_iterator, context):
+    def _stream(self, handler: grpc.RpcMethodHandler, needed: Role | None, name: str) -> grpc.RpcMethodHandler:
+        """A stream is checked and admitted before its first message is read; admission cuts it short when the
+        server drains (it ends UNAVAILABLE once the requests it read are answered)."""
+        inner, deserialize = handler.stream_stream, handler.request_deserializer
+        admit, admission = self._admit, self.admission
+        gauge, calls = self.metrics.in_flight.labels(name), self.metrics.rpcs
+
+        async def parsed(reads) -> AsyncIterator:
+            async for raw in reads:
+                yield parse(deserialize, raw)
+
+        async def stream(requests: AsyncIterator[bytes], context):
+            with _Counted(gauge, calls, name, context):
                 try:
-                    admit(context)
-                except ServingError as e:
+                    admit(context, needed, name)
+                except ShuttingDown as e:
+                    admission.refusing_streams += 1
+                    try:
+                        await _refuse_stream(context, requests, e)
+                    finally:
+                        admission.refusing_streams -= 1
+                except ServingError as e:  # a bad token: nothing of such a client is read
                     await _end_stream(context, e)
                 try:
-                    reads = admission.stream_reads(request_iterator)
-                    async for response in inner_stream(reads, context):
-                        yield response
+                    reads = admission.stream_reads(requests)
+                    try:
+                        async for response in inner(parsed(reads), context):
+                            yield response
+                    except grpc.aio.AbortError:
+                        raise
+                    except Exception as e:  # noqa: BLE001 - a malformed message (those before it were answered), or a bug
+                        await _end_stream(context, e)
                     if reads.cut:
                         await _end_stream(context, ShuttingDown(STREAM_CUT))
                 finally:
                     admission.leave()
 
-            return handler._replace(stream_stream=stream)
-        raise TypeError(f"{method}: only unary and bidirectional streaming methods are served")
-    return wrap
+        return grpc.stream_stream_rpc_method_handler(stream, response_serializer=handler.response_serializer)
 
 
-async def _end_stream(context, error: ServingError) -> None:
+class _Counted:
+    """One call in the Prometheus counts: in flight while it runs, then by method and final status code (the
+    code an abort set, or CANCELLED for a call its client left)."""
+
+    __slots__ = ("gauge", "calls", "name", "context")
+
+    def __init__(self, gauge, calls, name: str, context):
+        self.gauge, self.calls, self.name, self.context = gauge, calls, name, context
+
+    def __enter__(self) -> None:
+        self.gauge.inc()
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        code = "OK" if kind is None else (self.context.code().name if self.context.code() else "CANCELLED")
+        self.gauge.dec()
+        self.calls.labels(self.name, code).inc()
+        return False
+
+
+async def _end_stream(context, error: Exception) -> None:
     await asyncio.sleep(STREAM_END_PAUSE_S)
     await context.abort(*status_of(error))
 
 
-def not_ready_while(draining: Callable[[], bool]) -> Wrapper:
-    """KServe's ServerReady answers false once the drain has begun, as grpc.health.v1 answers NOT_SERVING, so
-    that readiness probes of either kind fail while calls are still answered (the --drain-delay)."""
-    def wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        if method != KSERVE + "ServerReady":
-            return handler
-        inner = handler.unary_unary
-
-        async def server_ready(request, context):
-            if draining():
-                return kserve_pb.ServerReadyResponse(ready=False)
-            return await inner(request, context)
-
-        return handler._replace(unary_unary=server_ready)
-    return wrap
+async def _refuse_stream(context, requests, error: ServingError) -> None:
+    """End a stream refused while draining, once its client has stopped writing (see STREAM_REFUSAL_READ_S)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + STREAM_REFUSAL_READ_S
+    pending = aiter(requests)
+    try:
+        while (left := end - loop.time()) > 0:
+            async with asyncio.timeout(min(STREAM_REFUSAL_GAP_S, left)):
+                await anext(pending)
+    except (TimeoutError, StopAsyncIteration):
+        pass
+    await context.abort(*status_of(error))
 
 
 class WrappingRegistrar:
     """Stands in for the server while generated `add_*Servicer_to_server` functions register a service, and
-    wraps each of its method handlers once, innermost wrapper first."""
+    wraps each of its method handlers once."""
 
-    def __init__(self, server: grpc.aio.Server, wrappers: list[Wrapper]):
-        self.server, self.wrappers = server, wrappers
-
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        for wrap in self.wrappers:
-            handler = wrap(method, handler)
-        return handler
+    def __init__(self, server: grpc.aio.Server, wrap: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler]):
+        self.server, self.wrap = server, wrap
 
     def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
         self.server.add_registered_method_handlers(
-            service, {name: self._wrap(f"/{service}/{name}", h) for name, h in handlers.items()})
+            service, {name: self.wrap(f"/{service}/{name}", h) for name, h in handlers.items()})
 
     def add_generic_rpc_handlers(self, generic_handlers) -> None:
-        self.server.add_generic_rpc_handlers(tuple(_WrappingGenericHandler(g, self._wrap) for g in generic_handlers))
+        self.server.add_generic_rpc_handlers(tuple(_WrappingGenericHandler(g, self.wrap) for g in generic_handlers))
 
 
 class _WrappingGenericHandler(grpc.GenericRpcHandler):
-    def __init__(self, inner: grpc.GenericRpcHandler, wrap: Wrapper):
+    def __init__(self, inner: grpc.GenericRpcHandler, wrap):
         self.inner, self.wrap, self.wrapped = inner, wrap, {}
 
     def service(self, details):

@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..repository_format import CAM_WEIGHTS_FILE, MODEL_FILE, BatchingOptions, ModelSpec, class_count, read_metadata
+from ..repository_format import (
+    CAM_WEIGHTS_FILE,
+    MODEL_FILE,
+    BatchingOptions,
+    ModelSpec,
+    class_count,
+    read_metadata,
+    version_file,
+)
 from .batcher import BatchObserver, DynamicBatcher
 from .errors import CamUnavailable, InternalError, InvalidInput, ServingError
 from .execution import BatchExecution
@@ -82,16 +90,18 @@ def load_execution(spec: ModelSpec, version: int, options: RuntimeOptions | None
     """Create sessions (one per instance, the config's count unless given), read CAM weights and
     metadata, check the graph against the config, and warm up for batches up to the config's
     max_batch_size (or the given one, for a caller that forms its own batches)."""
-    vdir = spec.directory / str(version)
     outputs = [spec.logits_output] + ([spec.features_output] if spec.features_output else [])
     b = spec.batching
-    sessions = OrtSessions(vdir / MODEL_FILE, spec.input_name, outputs, instances or b.instances, options)
+    # Every file through version_file: a version directory or file linked to outside the model is refused
+    # (ConfigError) before anything is read.
+    model_path, cam_path = (version_file(spec.directory, version, f) for f in (MODEL_FILE, CAM_WEIGHTS_FILE))
+    metadata = read_metadata(spec.directory, version)
+    sessions = OrtSessions(model_path, spec.input_name, outputs, instances or b.instances, options)
     pre = spec.preprocessing
     _check_shapes(sessions, spec)
-    metadata = read_metadata(vdir)
     cam_weights, cam_reason = None, metadata.get("cam_unsupported_reason", "")
-    if spec.features_output and (vdir / CAM_WEIGHTS_FILE).exists():
-        cam_weights = np.load(vdir / CAM_WEIGHTS_FILE).astype(np.float32)
+    if spec.features_output and cam_path.exists():
+        cam_weights = np.load(cam_path).astype(np.float32)
         cam_reason = ""
     elif not cam_reason:
         cam_reason = "the repository has no CAM weights for this version"

@@ -13,6 +13,7 @@ import asyncio
 import gc
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from ..repository_format import (
     load_spec,
     select_versions,
 )
-from .errors import InvalidInput, ModelNotFound, ModelNotReady
+from .errors import InvalidInput, ModelNotFound, ModelNotReady, shown
 from .model import ModelVersion, load_version
 from .runtime import RuntimeOptions
 
@@ -66,11 +67,38 @@ class ModelRepository:
         self._unloaded_by_request: set[str] = set()
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task | None = None
+        self._names: list[str] = []  # the model directories as last scanned (at load, unload and each poll)
+        # Called (awaited) after every load, unload and poll: the server brings its health in line.
+        self.on_change: Callable[[], Awaitable[None]] | None = None
+        self.default_model = ""  # the model of a request that names none ("": the only one, if only one)
 
     # -- queries ---------------------------------------------------------------------------------------
     def model_names(self) -> list[str]:
-        """Every model directory in the repository, loaded or not."""
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and (p / CONFIG_FILE).exists())
+        """Every model directory in the repository, loaded or not, read from disk now (and remembered)."""
+        self._names = sorted(p.name for p in self.root.iterdir() if p.is_dir() and (p / CONFIG_FILE).exists())
+        return self._names
+
+    def known_models(self) -> list[str]:
+        """The model directories as last scanned: what a request is routed by, without touching the disk."""
+        return self._names
+
+    def readiness(self) -> tuple[bool, str]:
+        """Strict readiness: True when every model the server is meant to serve (each model directory, less
+        those unloaded on request) has a ready version, and there is at least one; else False and why."""
+        expected = [n for n in self._names if n not in self._unloaded_by_request]
+        if not expected:
+            why = "every model was unloaded on request" if self._names else f"the repository {self.root} holds no model"
+            return False, f"no model to serve: {why}"
+        missing = [n for n in expected if not self._ready.get(n)]
+        if missing:
+            details = "; ".join(f"{n}: {self._why_not_ready(n)}" for n in missing[:3])
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            return False, f"{len(missing)} of {len(expected)} model(s) have no ready version: {details}{more}"
+        return True, ""
+
+    def _why_not_ready(self, name: str) -> str:
+        return self._model_errors.get(name) or "; ".join(
+            f"version {s.version}: {s.state} {s.reason}".strip() for s in self.statuses(name)) or "not loaded"
 
     def ready_versions(self, name: str) -> list[int]:
         return sorted(self._ready.get(name, {}), reverse=True)
@@ -79,15 +107,13 @@ class ModelRepository:
         """The version to serve: the given one, or the newest ready one when version is 0."""
         versions = self._ready.get(name)
         if not versions:
-            if name not in self.model_names():
-                known = ", ".join(self.model_names()) or "none"
-                raise ModelNotFound(f"model {name!r} is not in the repository (models: {known})")
-            reason = self._model_errors.get(name) or "; ".join(
-                f"version {s.version}: {s.state} {s.reason}".strip() for s in self.statuses(name)) or "not loaded"
-            raise ModelNotReady(f"model {name!r} has no ready version ({reason})")
+            if name not in self._names:
+                known = ", ".join(self._names) or "none"
+                raise ModelNotFound(f"model {shown(name)} is not in the repository (models: {known})")
+            raise ModelNotReady(f"model {shown(name)} has no ready version ({self._why_not_ready(name)})")
         if version:
             if version not in versions:
-                raise ModelNotFound(f"model {name!r} has no ready version {version} "
+                raise ModelNotFound(f"model {shown(name)} has no ready version {version} "
                                     f"(ready: {', '.join(map(str, sorted(versions)))})")
             return versions[version]
         return versions[max(versions)]
@@ -95,10 +121,13 @@ class ModelRepository:
     def resolve(self, name: str, version: int) -> ModelVersion:
         """A request's model: the named one (or the only one when none is named) at the version asked
         (0: the newest ready)."""
+        if not name and self.default_model:  # `serve --default-model`: the one a request without a name gets
+            name = self.default_model
         if not name:
-            names = self.model_names()
+            names = self._names
             if len(names) != 1:
-                raise InvalidInput(f"request names no model; choose one of: {', '.join(names)}")
+                raise InvalidInput(f"request names no model; choose one of: {', '.join(names)} (or start the "
+                                   f"server with --default-model)")
             name = names[0]
         if version < 0:
             raise InvalidInput(f"version {version} is negative; use 0 for the latest")
@@ -115,24 +144,32 @@ class ModelRepository:
         return self._model_errors.get(name, "")
 
     # -- loading ---------------------------------------------------------------------------------------
+    async def _changed(self) -> None:
+        if self.on_change is not None:
+            await self.on_change()
+
     async def load_all(self) -> None:
         for name in self.model_names():
             await self.load(name)
+        await self._changed()
 
     async def load(self, name: str) -> None:
         """(Re)load a model: bring its ready versions in line with its version policy."""
         async with self._lock:
+            self.model_names()
             self._unloaded_by_request.discard(name)
             await self._sync_model(name, force=True)
+        await self._changed()
 
     async def unload(self, name: str) -> None:
         async with self._lock:
             if name not in self._ready and name not in self.model_names():
-                raise ModelNotFound(f"model {name!r} is not in the repository")
+                raise ModelNotFound(f"model {shown(name)} is not in the repository")
             self._unloaded_by_request.add(name)
             for version in list(self._ready.get(name, {})):
                 await self._retire(name, version, "unloaded by request")
             self._ready.pop(name, None)
+        await self._changed()
 
     async def _sync_model(self, name: str, force: bool = False) -> None:
         model_dir = self.root / name
@@ -224,6 +261,7 @@ class ModelRepository:
                     for version in list(self._ready[name]):
                         await self._retire(name, version, "removed from the repository")
                     self._ready.pop(name, None)
+        await self._changed()
 
     def start_polling(self, interval_s: float) -> None:
         async def loop() -> None:

@@ -1,7 +1,7 @@
 """The drain's quiet window: after the last admitted call ends, the port stays open (refusing) for the quiet
-time even when nothing has been refused yet. Found by `podman stop` under load (scripts/containers/check.py):
-callers answered just before the close sent their next call at once, the port closed under it, and gRPC
-cancelled it (CANCELLED: lost to the caller, who cannot know it never ran)."""
+time even when nothing has been refused yet. `podman stop` under load (scripts/containers/check.py) showed
+why: without it, callers answered just before the close sent their next call at once, the port closed under
+it, and gRPC cancelled it (CANCELLED: lost to the caller, who cannot know it never ran)."""
 
 from __future__ import annotations
 

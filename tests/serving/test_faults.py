@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from serving.client import ClassifierClient, messages
+from serving.server.connections import ConnectionLimits
 from tests.conftest import export_small, running_server
 from tests.serving.test_metrics import free_port, value
 
@@ -125,7 +126,7 @@ def test_a_client_leaving_a_stream_frees_its_queued_work(tmp_path):
 
 
 def test_aged_connections_are_replaced_without_failing_a_call(small_repo):
-    with running_server(small_repo, max_connection_age_s=0.3, max_connection_age_grace_s=5) as server:
+    with running_server(small_repo, connections=ConnectionLimits(age_s=0.3, age_grace_s=5)) as server:
         client = ClassifierClient(server.address, retries=0)
         states = []
         client._channels[0].subscribe(states.append, try_to_connect=True)

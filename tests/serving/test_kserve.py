@@ -212,7 +212,7 @@ def test_priority_timeout_and_deadline_are_accepted(client: tg.InferenceServerCl
     ("unknown_model", "NOT_FOUND", "is not in the repository"),
     ("unknown_version", "NOT_FOUND", "has no ready version 9"),
     ("wrong_shape", "INVALID_ARGUMENT", "has shape [2, 1, 27, 28], but model fmnist expects [-1, 1, 28, 28]"),
-    ("wrong_dtype", "INVALID_ARGUMENT", "datatype INT32 is not supported"),
+    ("wrong_dtype", "INVALID_ARGUMENT", "datatype 'INT32' is not supported"),
     ("wrong_name", "INVALID_ARGUMENT", "unexpected input 'image'"),
     ("unknown_output", "INVALID_ARGUMENT", "unknown output 'features2'"),
     ("bad_image", "INVALID_ARGUMENT", "cannot decode image"),

@@ -1,14 +1,15 @@
 """`python -m serving batch --engine ray` on a local Ray: the same rows as the gRPC engine against the real
 server, row by row; exactly once across an interruption (one actor, then the default pool of an actor per
 CPU); Parquet in and out, with an image that cannot be decoded failing alone as it does through the server;
-a pool the machine cannot hold refused with the reason; pixels at the model size taken whole and others
-resized; and how the pool and its blocks are sized."""
+a pool the machine cannot hold refused with the reason; an output of another model refused, then started
+afresh; pixels at the model size taken whole and others resized; and how the pool and its blocks are sized."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from serving.__main__ import main  # noqa: E402
 from serving.jobs import ray_engine  # noqa: E402
 from serving.jobs.sources import Source  # noqa: E402
-from tests.conftest import LABELS, ramp_images  # noqa: E402
+from tests.conftest import LABELS, export_small, ramp_images  # noqa: E402
 
 N_IMAGES = 240
 
@@ -103,6 +104,39 @@ def test_a_pool_the_machine_cannot_hold_is_refused_with_the_reason(small_repo, d
     err = capsys.readouterr().err
     assert f"cannot hold {too_many} actor(s) of 1 CPU(s)" in err and "--num-actors" in err
     assert main(["batch", "--engine", "ray", "--threads-per-actor", "0", str(tmp_path / "set.npz")]) == 2
+
+
+def test_an_output_of_another_model_is_refused_before_ray_starts_and_fresh_starts_over(server, small_repo, dataset,
+                                                                                      tmp_path, capsys):
+    """The Ray engine checks an output's model version as the gRPC engine does (one check in `output.py`):
+    an output the gRPC engine began with fmnist is refused to another model of the repository, resumed on Ray
+    by fmnist (the same model version, through either engine), and started afresh with the other model."""
+    images, labels = dataset
+    np.savez(tmp_path / "set.npz", images=images, labels=labels)
+    repo = tmp_path / "repo"
+    shutil.copytree(small_repo / "fmnist", repo / "fmnist")
+    export_small(repo, "other", seed=1)
+    out = tmp_path / "preds.jsonl"
+    assert main(["batch", "--no-progress", str(tmp_path / "set.npz"), "--server", server.address, "-o", str(out),
+                 "--stop-after", "100"]) == 0
+    written = out.read_bytes()
+    capsys.readouterr()
+
+    ray_job = [tmp_path / "set.npz", "--model-repository", repo, "--model", "other", "-o", out, "--batch-size", 32]
+    assert _ray(*ray_job) == 2
+    err = capsys.readouterr().err
+    assert f"{out} was written with fmnist v1, not other v1" in err and "--fresh" in err
+    assert err.count("\n") == 1 and out.read_bytes() == written  # one line, and the output untouched
+
+    assert _ray(*[a if a != "other" else "fmnist" for a in ray_job]) == 0
+    summary = json.loads(Path(f"{out}.summary.json").read_text())
+    assert (summary["model"], summary["images_this_run"], summary["images"]) == ("fmnist", N_IMAGES - 100, N_IMAGES)
+
+    assert _ray(*ray_job, "--fresh") == 0
+    summary = json.loads(Path(f"{out}.summary.json").read_text())
+    assert (summary["model"], summary["versions"], summary["images_this_run"]) == ("other", [1], N_IMAGES)
+    assert json.loads(Path(f"{out}.job.json").read_text()) == {"model": "other", "version": 1}
+    assert len(_rows(out)) == N_IMAGES
 
 
 def test_an_actor_takes_pixels_at_the_model_size_whole_and_resizes_others_as_a_server_does(small_repo, dataset):

@@ -96,3 +96,60 @@ def test_message_size_limit_is_a_clear_error(tmp_path):
             client.classify([np.zeros((28, 28), np.uint8)] * 2000)  # about 1.6 MB
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "larger than max" in err.value.details()
+
+
+def _copy_model(repo, source: str, name: str):
+    """The exported model `source` again as `name` (config name and directory name must agree)."""
+    shutil.copytree(repo / source, repo / name)
+    config = repo / name / "config.pbtxt"
+    config.write_text(config.read_text().replace(f'name: "{source}"', f'name: "{name}"', 1))
+    return repo / name
+
+
+def test_a_model_reads_no_file_outside_its_directory(tmp_path, caplog):
+    """label_filename, labels.txt, config.pbtxt and a version's model file may not lead out of the model's
+    directory, by `..`, an absolute path or a symlink: the model (or version) stays unavailable with the field
+    named, and the outside file is never read (here it would load: ten lines, one per class)."""
+    repo, outside = tmp_path / "repo", tmp_path / "outside"
+    export_small(repo, "fmnist")
+    export_small(outside, "stranger", seed=1)  # a valid model and config elsewhere on the machine
+    secret = outside / "secret.txt"
+    secret.write_text("".join(f"SECRET_{i}\n" for i in range(10)))
+    shutil.copy(repo / "fmnist" / "config.pbtxt", outside / "config.pbtxt")
+
+    def label_filename(model_dir, value: str) -> None:
+        config = model_dir / "config.pbtxt"
+        config.write_text(config.read_text().replace('label_filename: "labels.txt"', f'label_filename: "{value}"'))
+
+    label_filename(_copy_model(repo, "fmnist", "dotdot"), "../../outside/secret.txt")
+    label_filename(_copy_model(repo, "fmnist", "absolute"), str(secret))
+    (_copy_model(repo, "fmnist", "linked_labels") / "labels.txt").unlink()
+    (repo / "linked_labels" / "labels.txt").symlink_to(secret)
+    linked_config = _copy_model(repo, "fmnist", "linked_config") / "config.pbtxt"
+    linked_config.unlink()
+    linked_config.symlink_to(outside / "config.pbtxt")
+    (_copy_model(repo, "fmnist", "linked_weights") / "1" / "model.onnx").unlink()
+    (repo / "linked_weights" / "1" / "model.onnx").symlink_to(outside / "stranger" / "1" / "model.onnx")
+    # A symlink that stays inside the model's directory is followed as before.
+    inside = _copy_model(repo, "fmnist", "linked_inside")
+    (inside / "names").mkdir()
+    (inside / "labels.txt").rename(inside / "names" / "classes.txt")
+    (inside / "labels.txt").symlink_to("names/classes.txt")
+
+    refused = {"dotdot": "output 'logits' label_filename '../../outside/secret.txt' leads outside the model directory",
+               "absolute": f"output 'logits' label_filename '{secret}' leads outside the model directory",
+               "linked_labels": "output 'logits' label_filename 'labels.txt' leads outside the model directory",
+               "linked_config": "config.pbtxt 'config.pbtxt' leads outside the model directory",
+               "linked_weights": "1/model.onnx '1/model.onnx' leads outside the model directory"}
+    with running_server(repo) as server, ClassifierClient(server.address) as client:
+        for name, reason in refused.items():
+            with pytest.raises(grpc.RpcError) as err:
+                client.classify([np.zeros((28, 28), np.uint8)], model=name)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, name
+            assert reason in err.value.details(), (name, err.value.details())
+        assert client.list_models()["linked_weights"] == [] and client.list_models()["dotdot"] == []
+        assert client.get_model("linked_inside").labels == client.get_model("fmnist").labels  # not refused
+        seen = [client.get_model(n).labels for n in ("fmnist", "linked_inside")]
+        seen += [s.reason for s in server.server.repository.statuses()]
+        seen += [server.server.repository.model_error(n) for n in refused]
+    assert "SECRET" not in repr(seen) + caplog.text  # the outside file's lines reached no answer and no log

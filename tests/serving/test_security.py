@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving.__main__ import main
 from serving.client import AsyncClassifierClient, ClassifierClient, Tls
 from serving.client.connection import TOKEN_ENV
-from serving.server.access import Role, StartRefused, TlsFiles, TokenCheck, check_exposure, is_loopback, read_tokens
+from serving.server.access import Access, Role, StartRefused, TlsFiles, TokenCheck, check_exposure, is_loopback, read_tokens
 from serving.server.app import InferenceServer, ServerOptions
 from serving.server.errors import PermissionDenied, Unauthenticated
 from serving.server.handlers import required_role
@@ -232,10 +232,12 @@ def test_token_check_is_per_role_and_explains_itself():
                                (bearer(INFERENCE_TOKEN[:-1]), "not valid")):
         with pytest.raises(Unauthenticated, match=fragment):
             check.role_of(metadata)
+    no_certificate = lambda: {}
     with pytest.raises(PermissionDenied, match="admin token"):
-        check.require(bearer(INFERENCE_TOKEN), Role.ADMIN, "RepositoryModelLoad")
+        Access(check).check(bearer(INFERENCE_TOKEN), no_certificate, Role.ADMIN, "RepositoryModelLoad")
     with pytest.raises(PermissionDenied, match="--admin-token-file"):  # no admin token at all: management is off
-        TokenCheck([INFERENCE_TOKEN]).require(bearer(INFERENCE_TOKEN), Role.ADMIN, "RepositoryModelLoad")
+        Access(TokenCheck([INFERENCE_TOKEN])).check(bearer(INFERENCE_TOKEN), no_certificate, Role.ADMIN,
+                                                    "RepositoryModelLoad")
 
 
 def test_token_files_and_environment(tmp_path, monkeypatch):

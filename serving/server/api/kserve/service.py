@@ -5,13 +5,14 @@ in `tensors.py`, statistics in `statistics.py`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import metadata as package_metadata
 
 import grpc
 
 from ....wire.inference import grpc_service_pb2 as pb
 from ....wire.inference import grpc_service_pb2_grpc as pb_grpc
-from ...errors import InvalidInput, ModelNotFound, ModelNotReady
+from ...errors import InvalidInput, ModelNotFound, ModelNotReady, shown
 from ...repository import READY, UNAVAILABLE, ModelRepository
 from ..status import remaining_time, status_of, status_on_error
 from ..streaming import STREAM_WINDOW, answer_in_order
@@ -52,18 +53,17 @@ async def _unimplemented(context: grpc.aio.ServicerContext, what: str, instead: 
 
 
 class KServeService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: ModelRepository):
+    def __init__(self, repository: ModelRepository, readiness: Callable[[], tuple[bool, str]] | None = None):
         self.repo = repository
+        # The server's readiness (strict by default), the same answer grpc.health.v1 gives.
+        self.readiness = readiness or repository.readiness
 
     # -- health ----------------------------------------------------------------------------------------------
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        # Ready when some model serves, or the repository is empty (nothing to wait for). The service is
-        # registered only after the repository has loaded, so a caller never sees "ready" before that.
-        ready = bool(self.repo.all_ready()) or not self.repo.model_names()
-        return pb.ServerReadyResponse(ready=ready)
+        return pb.ServerReadyResponse(ready=self.readiness()[0])
 
     @status_on_error
     async def ModelReady(self, request, context):
@@ -158,7 +158,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         name = request.model_name
         if name not in self.repo.model_names():
             known = ", ".join(self.repo.model_names()) or "none"
-            raise ModelNotFound(f"model {name!r} is not in the repository (models: {known})")
+            raise ModelNotFound(f"model {shown(name)} is not in the repository (models: {known})")
         await self.repo.load(name)
         self.repo.get(name)  # fails with the reason when no version could be loaded
         return pb.RepositoryModelLoadResponse()
@@ -195,7 +195,8 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         await _unimplemented(context, "changing log settings", "start the server with --log-level")
 
 
-def register(grpc_server: grpc.aio.Server, repository: ModelRepository) -> KServeService:
-    service = KServeService(repository)
+def register(grpc_server: grpc.aio.Server, repository: ModelRepository,
+             readiness: Callable[[], tuple[bool, str]] | None = None) -> KServeService:
+    service = KServeService(repository, readiness)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, grpc_server)
     return service

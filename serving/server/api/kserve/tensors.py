@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ....wire.inference import grpc_service_pb2 as pb
-from ...errors import InvalidInput
+from ...errors import InvalidInput, shown
 from ...inference import MAX_IMAGES_PER_REQUEST, InferenceRequest, InferenceResult
 from ...model import ModelVersion
 from .metadata import CAM, PROBABILITIES, input_shape, output_specs
@@ -29,12 +29,18 @@ _NUMERIC = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "UINT8": np.dtype(
 _TYPED_FIELD = {"FP32": "fp32_contents", "UINT8": "uint_contents", "BYTES": "bytes_contents"}
 
 
+MAX_INT_DIGITS = 18
+
+
 def parse_version(version: str) -> int:
     """Triton versions are strings; empty means the one the version policy serves (the newest ready)."""
     if not version:
         return 0
-    if not (version.isascii() and version.isdigit()):  # isdigit alone takes "²", which int() refuses
-        raise InvalidInput(f"model version {version!r} is not a non-negative integer")
+    # At most 18 digits: a version is an int64, and int() refuses strings of over 4,300 digits with a
+    # ValueError that would otherwise surface as INTERNAL.
+    if len(version) > MAX_INT_DIGITS or not (version.isascii() and version.isdigit()):  # isdigit alone takes "²"
+        raise InvalidInput(f"model version {shown(version)} is not a non-negative integer of at most "
+                           f"{MAX_INT_DIGITS} digits")
     return int(version)
 
 
@@ -47,8 +53,9 @@ def int_param(params, key: str) -> int | None:
         return int(getattr(p, kind))
     if kind == "double_param" and float(p.double_param).is_integer():
         return int(p.double_param)
-    if kind == "string_param" and p.string_param.isascii() and p.string_param.lstrip("-").isdigit():
-        return int(p.string_param)
+    text = p.string_param
+    if kind == "string_param" and len(text) <= MAX_INT_DIGITS + 1 and text.isascii() and text.lstrip("-").isdigit():
+        return int(text)
     raise InvalidInput(f"parameter {key!r} must be an integer, got {kind or 'nothing'}")
 
 
@@ -94,49 +101,49 @@ def input_images(request: pb.ModelInferRequest, mv: ModelVersion) -> np.ndarray 
                            "send one per input or none")
     tensor = request.inputs[0]
     if tensor.name != spec.input_name:
-        raise InvalidInput(f"unexpected input {tensor.name!r} for model {spec.name}; its input is {spec.input_name!r}")
+        raise InvalidInput(f"unexpected input {shown(tensor.name)} for model {spec.name}; its input is {spec.input_name!r}")
     raw = request.raw_input_contents[0] if request.raw_input_contents else None
     if raw is not None and tensor.contents.ByteSize():
-        raise InvalidInput(f"input {tensor.name!r} has both raw_input_contents and contents; send one")
+        raise InvalidInput(f"input {shown(tensor.name)} has both raw_input_contents and contents; send one")
     shape = list(tensor.shape)
     if any(d < 0 for d in shape):
-        raise InvalidInput(f"input {tensor.name!r} shape {shape} has a negative dimension")
+        raise InvalidInput(f"input {shown(tensor.name)} shape {shape} has a negative dimension")
     count = math.prod(shape)  # exact, where numpy's product could overflow on a hostile shape
     dtype = tensor.datatype
     if dtype == "BYTES":
         if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or not shape[0]:
-            raise InvalidInput(f"BYTES input {tensor.name!r} has shape {shape}; send [N] or [N, 1] encoded images")
+            raise InvalidInput(f"BYTES input {shown(tensor.name)} has shape {shape}; send [N] or [N, 1] encoded images")
         items = deserialize_bytes(raw) if raw is not None else list(tensor.contents.bytes_contents)
         if len(items) != count:
-            raise InvalidInput(f"BYTES input {tensor.name!r} holds {len(items)} elements, shape {shape} needs {count}")
+            raise InvalidInput(f"BYTES input {shown(tensor.name)} holds {len(items)} elements, shape {shape} needs {count}")
         if count > MAX_IMAGES_PER_REQUEST:
             raise InvalidInput(f"{count} images in one request; the limit is {MAX_IMAGES_PER_REQUEST}")
         return items
     if dtype not in _NUMERIC:
-        raise InvalidInput(f"input {tensor.name!r} datatype {dtype or '(empty)'} is not supported; "
+        raise InvalidInput(f"input {shown(tensor.name)} datatype {shown(dtype)} is not supported; "
                            "use FP32, FP16, UINT8 ([N, C, H, W]) or BYTES (encoded images)")
     expected = input_shape(mv)
     if len(shape) != 4 or shape[1:] != expected[1:] or shape[0] < 1:
-        raise InvalidInput(f"input {tensor.name!r} has shape {shape}, but model {spec.name} expects {expected} "
+        raise InvalidInput(f"input {shown(tensor.name)} has shape {shape}, but model {spec.name} expects {expected} "
                            f"(N, C, H, W) for {dtype}")
     np_type = _NUMERIC[dtype]
     if raw is not None:
         if len(raw) != count * np_type.itemsize:
-            raise InvalidInput(f"input {tensor.name!r} has {len(raw)} raw bytes, but {dtype} shape {shape} "
+            raise InvalidInput(f"input {shown(tensor.name)} has {len(raw)} raw bytes, but {dtype} shape {shape} "
                                f"needs {count * np_type.itemsize}")
         values = np.frombuffer(raw, np_type)
     else:
         field = _TYPED_FIELD.get(dtype)
         if field is None:
-            raise InvalidInput(f"{dtype} input {tensor.name!r} must be sent in raw_input_contents "
+            raise InvalidInput(f"{dtype} input {shown(tensor.name)} must be sent in raw_input_contents "
                                "(the protocol has no typed contents for it)")
         typed = getattr(tensor.contents, field)
         if len(typed) != count:
-            raise InvalidInput(f"input {tensor.name!r} has {len(typed)} values in contents.{field}, "
+            raise InvalidInput(f"input {shown(tensor.name)} has {len(typed)} values in contents.{field}, "
                                f"shape {shape} needs {count}")
         values = np.asarray(typed, np.int64 if dtype == "UINT8" else np.float32)
         if dtype == "UINT8" and values.max() > 255:  # uint_contents is 32-bit
-            raise InvalidInput(f"UINT8 input {tensor.name!r} holds values outside 0..255")
+            raise InvalidInput(f"UINT8 input {shown(tensor.name)} holds values outside 0..255")
     arr = values.reshape(shape)
     if dtype == "UINT8":
         return arr.astype(np.float32) * np.float32(1 / 255)
@@ -159,15 +166,15 @@ def requested_outputs(request: pb.ModelInferRequest, mv: ModelVersion) -> list[O
     outputs, seen = [], set()
     for o in request.outputs:
         if o.name not in names and o.name != CAM:  # CAM on a model without it fails below with the reason
-            raise InvalidInput(f"unknown output {o.name!r} for model {spec.name}; outputs: {', '.join(names)}")
+            raise InvalidInput(f"unknown output {shown(o.name)} for model {spec.name}; outputs: {', '.join(names)}")
         if o.name in seen:
-            raise InvalidInput(f"output {o.name!r} is requested twice")
+            raise InvalidInput(f"output {shown(o.name)} is requested twice")
         seen.add(o.name)
         k = int_param(o.parameters, "classification") or 0
         if k < 0:
-            raise InvalidInput(f"classification count {k} for output {o.name!r} is negative")
+            raise InvalidInput(f"classification count {k} for output {shown(o.name)} is negative")
         if k and o.name not in (spec.logits_output, PROBABILITIES):
-            raise InvalidInput(f"classification applies to logits or probabilities, not to the {o.name} output")
+            raise InvalidInput(f"classification applies to logits or probabilities, not to the {shown(o.name)} output")
         outputs.append(Output(o.name, k, int_param(o.parameters, "cam_class")))
     return outputs
 
