@@ -8,7 +8,7 @@ TORCH_INDEX ?= $(shell [ -d /opt/wheels ] || command -v nvidia-smi >/dev/null 2>
 PORT ?= 8001
 REPO ?= model_repository
 
-.PHONY: setup setup-serving demo serve test lint proto train-default bench gpu-check clean
+.PHONY: setup setup-serving demo serve test lint proto train-default bench gpu-check containers clean
 
 $(VENV)/.serving: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ bench: setup                      ## the serving benchmark table (CPU here, GPU 
 
 gpu-check: setup                  ## the short GPU check (see bench/gpu_check.sh)
 	PYTHON=$(PY) bash bench/gpu_check.sh run
+
+# Not part of `make test`: see README, Deploy (it needs root and several minutes of its own).
+containers: setup                 ## build the images with podman and run them: serving container, compose topology
+	PYTHON=$(PY) bash scripts/containers/run.sh
 
 clean:
 	rm -rf $(VENV) runs cam_overlays .pytest_cache .ruff_cache
