@@ -8,7 +8,7 @@ TORCH_INDEX ?= $(shell [ -d /opt/wheels ] || command -v nvidia-smi >/dev/null 2>
 PORT ?= 8001
 REPO ?= model_repository
 
-.PHONY: setup setup-serving demo serve test lint proto train-default bench gpu-check clean
+.PHONY: setup setup-serving demo serve test lint proto train-default bench gpu-check containers clean
 
 $(VENV)/.serving: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,15 +43,19 @@ lint: setup                       ## ruff and the import contracts (.importlinte
 proto: setup                      ## regenerate serving/wire from proto/
 	$(PY) proto/generate.py
 
-train-default: setup              ## reproduce the bundled model (about 30 minutes on 2 CPU cores)
+train-default: setup              ## reproduce the bundled model (about 60 minutes on 2 shared CPU cores, see README)
 	$(PY) -m training train --config configs/small_fmnist.yaml
-	$(PY) -m training export runs/small_fmnist/checkpoint.pt --repository $(REPO) --name fashion_mnist
+	$(PY) -m training export runs/small_fmnist/checkpoint.pt --model-repository $(REPO) --name fashion_mnist
 
 bench: setup                      ## the serving benchmark table (CPU here, GPU where present)
 	$(PY) bench/serving_bench.py
 
 gpu-check: setup                  ## the short GPU check (see bench/gpu_check.sh)
 	PYTHON=$(PY) bash bench/gpu_check.sh run
+
+# Not part of `make test`: see README, Deploy (it needs root and several minutes of its own).
+containers: setup                 ## build the images with podman and run them: serving container, compose topology
+	PYTHON=$(PY) bash scripts/containers/run.sh
 
 clean:
 	rm -rf $(VENV) runs cam_overlays .pytest_cache .ruff_cache

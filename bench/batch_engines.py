@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", required=True, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--split", choices=list(FILES), default="test", help="the 10,000 test or the 60,000 train images")
-    p.add_argument("--repository", default=str(ROOT / "model_repository"))
+    p.add_argument("--model-repository", "--repository", dest="repository", default=str(ROOT / "model_repository"),
+                   help="the repository to serve (--repository: the older spelling)")
     p.add_argument("--batch-size", type=int, default=64,
                    help="images per request (gRPC) or onnxruntime run (Ray); 64 is the jobs' default")
     p.add_argument("--repeats", type=int, default=3, help="runs of each row, in turn; the table gives the median")

@@ -131,7 +131,7 @@ run() {
 
   echo "== export" | tee -a "$log"
   if export_ready >>"$log" 2>&1 && timeout "$EXPORT_TIMEOUT" "$PYTHON" -m training export "$RUN/train/checkpoint.pt" \
-      --repository "$RUN/repository" --name "$NAME" --version 1 ${data_arg:+--data-dir "$DATA"} 2>&1 | tee -a "$log"; then
+      --model-repository "$RUN/repository" --name "$NAME" --version 1 ${data_arg:+--data-dir "$DATA"} 2>&1 | tee -a "$log"; then
     score_onnx "$RUN/repository/$NAME/1/model.onnx" 2>&1 | tee -a "$log" || echo "== scoring the ONNX file failed" | tee -a "$log"
     package "$RUN/repository" "$NAME" "$NAME"
   else

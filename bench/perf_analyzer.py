@@ -8,7 +8,7 @@ Debian 12 has, so Debian 13's libc6, libstdc++6 and libgcc-s1 are downloaded (`a
 private package list, from the mirror this machine already uses) and unpacked into a private folder; the
 binary is started through that folder's dynamic loader. Nothing is installed system-wide.
 
-For each concurrency the server (its own process, the bundled repository unless --repository) is measured
+For each concurrency the server (its own process, the bundled repository unless --model-repository) is measured
 by perf_analyzer with its defaults (random FP32 input data, synchronous gRPC calls) and by the project's
 benchmark client sending KServe ModelInfer with the same shape, one after the other, on the same server.
 """
@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python bench/perf_analyzer.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--home", default=str(ROOT / ".perf_analyzer"), help="where the tool is kept (git-ignored)")
-    p.add_argument("--repository", default=str(ROOT / "model_repository"))
+    p.add_argument("--model-repository", "--repository", dest="repository", default=str(ROOT / "model_repository"),
+                   help="the repository to serve (--repository: the older spelling)")
     p.add_argument("--model", default="fashion_mnist")
     p.add_argument("--concurrency", default="1,8,64")
     p.add_argument("--seconds", type=float, default=5.0, help="measurement window of each row")

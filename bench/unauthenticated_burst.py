@@ -2,7 +2,7 @@
 calls without a token against a real server process that requires one, measured as the server's resident
 memory (VmRSS now, VmHWM the peak) before, during and after.
 
-    python bench/unauthenticated_burst.py [--calls 24] [--mb 60]
+    python bench/unauthenticated_burst.py [--calls 24] [--mb 60] [--tree DIR]
 
 It prints one table row per kind of burst; tests/serving/test_front_door.py runs a smaller one and asserts
 the bound.
@@ -44,13 +44,13 @@ def memory_mb(pid: int) -> tuple[float, float]:
 class ServerProcess:
     """`python -m serving serve` on a free loopback port, requiring a token."""
 
-    def __init__(self, repository: str | None = None, *flags: str):
+    def __init__(self, repository: str | None = None, *flags: str, tree: Path = ROOT):
         self._tokens = tempfile.NamedTemporaryFile("w", suffix=".tokens", delete=False)
         self._tokens.write(TOKEN + "\n")
         self._tokens.close()
         cmd = [sys.executable, "-m", "serving", "serve", "--port", "0", "--auth-token-file", self._tokens.name,
                *(["--model-repository", repository] if repository else []), *flags]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(cmd, cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in self.proc.stdout:
             if line.startswith("SERVING"):
                 self.address = line.split()[1]
@@ -120,13 +120,14 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=24)
     p.add_argument("--mb", type=int, default=60)
     p.add_argument("--model-repository", default=None)
+    p.add_argument("--tree", type=Path, default=ROOT, help="run the server from another checkout (an earlier commit)")
     args = p.parse_args()
     print(f"{args.calls} concurrent ModelInfer calls of {args.mb} MB each, no token, against a server that "
           "requires one (one fresh server per row)\n")
     print("| burst | calls | on the wire | answers | RSS before | peak RSS | RSS after |")
     print("|---|---:|---:|---|---:|---:|---:|")
     for kind in ("plain", "gzip"):
-        server = ServerProcess(args.model_repository)
+        server = ServerProcess(args.model_repository, tree=args.tree)
         try:
             b = run_burst(server, kind, args.calls, args.mb)
         finally:

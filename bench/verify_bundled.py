@@ -34,7 +34,8 @@ def png(a: np.ndarray) -> bytes:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-dir")
-    ap.add_argument("--repository", default=str(ROOT / "model_repository"))
+    ap.add_argument("--model-repository", "--repository", dest="repository", default=str(ROOT / "model_repository"),
+                    help="the repository to serve (--repository: the older spelling)")
     ap.add_argument("--model", default="fashion_mnist")
     ap.add_argument("--checkpoint", help="compare Explain with CAMs from this PyTorch checkpoint")
     ap.add_argument("--batch", type=int, default=100)

@@ -16,7 +16,7 @@ grep -q '^SERVING' "$LOG" || { cat "$LOG"; echo "server did not start"; exit 1; 
 echo "== server ready on 127.0.0.1:$PORT"
 "$PY" -m serving models --server "127.0.0.1:$PORT"
 echo "== classify (top 3)"
-"$PY" -m serving classify --server "127.0.0.1:$PORT" examples/images/*.png
+"$PY" -m serving classify --server "127.0.0.1:$PORT" --top-k 3 examples/images/*.png
 echo "== explain: class activation maps over each image"
 "$PY" -m serving explain --server "127.0.0.1:$PORT" --out-dir cam_overlays examples/images/*.png
 echo

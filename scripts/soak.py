@@ -12,8 +12,9 @@ call was lost or wrongly answered or the server did not exit 0.
 A call is *lost* when the server accepted it and gave no answer: CANCELLED that the client did not ask for,
 gRPC's "Cancelling all calls" at close, a broken connection, a valid call past its (generous) deadline. A
 call is *wrong* when it was answered with a status its class does not allow (INTERNAL for a bad image).
-UNAVAILABLE from the draining server ("shutting down") or a refused connection after exit is a rejection:
-the client sends such a call to another replica.
+UNAVAILABLE from the draining server ("shutting down"), a connection the server closed at the end of its drain
+("Socket closed": by then it holds no accepted call) or a refused connection after exit is a rejection: the
+client sends such a call to another replica.
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ class Tally:
     def record(self, kind: str, klass: str, code: grpc.StatusCode, details: str, latency: float) -> None:
         if code == SHUT and "shutting down" in details:
             self.rejected_shutdown += 1
-        elif code == SHUT and "connect" in details.lower():
-            self.refused_connection += 1  # the port was closed: nothing was sent
+        elif code == SHUT and _closed_or_refused(details):
+            self.refused_connection += 1  # the port or the connection was closed: nothing of it was run
         elif code in EXPECTED[klass]:
             self.answers[(klass, code.name)] += 1
             if klass == "valid" and code == OK:
@@ -81,6 +82,10 @@ class Tally:
             self.lost.append((kind, code.name, details, f"at {time.strftime('%H:%M:%S')}"))
         else:
             self.wrong.append((kind, code.name, details))
+
+
+def _closed_or_refused(details: str) -> bool:
+    return "connect" in details.lower() or "socket closed" in details.lower()
 
 
 class Soak:
@@ -215,7 +220,7 @@ class Soak:
                 self.tally.stream_items_not_read += sent - answered
                 self.tally.rejected_shutdown += 1
                 return
-            if code == SHUT and "connect" in details.lower():
+            if code == SHUT and _closed_or_refused(details):
                 self.tally.refused_connection += 1
                 return
             if code != OK:
@@ -299,8 +304,9 @@ async def soak(args) -> int:
           f"{t.stream_items_abandoned} left unanswered by clients that cancelled their stream, "
           f"{t.stream_items_not_read} not read when the server stopped reading)")
     print(f"  answered   {answered} ({', '.join(f'{k} {v}' for k, v in sorted(by_class.items()))})")
-    print(f"  rejected   {t.rejected_shutdown} by the draining server (UNAVAILABLE), {t.refused_connection} refused "
-          "connections after exit; invalid calls answered with their error are counted above")
+    print(f"  rejected   {t.rejected_shutdown} by the draining server (UNAVAILABLE), {t.refused_connection} on "
+          "connections closed at the end of the drain or refused after exit; invalid calls answered with their error "
+          "are counted above")
     print(f"  lost       {len(t.lost)}" + (f": {t.lost[:5]}" if t.lost else ""))
     print(f"  wrong      {len(t.wrong)}" + (f": {t.wrong[:5]}" if t.wrong else ""))
     print(f"  latency    valid calls answered OK: p50 {np.percentile(lat, 50):.2f} ms, p99 {np.percentile(lat, 99):.2f} ms "

@@ -81,7 +81,7 @@ def test_base_install_classifies_and_explains_against_a_real_server(client_pytho
     classify = _run(client_python, "-m", "serving", "classify", "--server", server.address, "--json", str(png))
     assert classify.returncode == 0, classify.stderr
     predictions = json.loads(classify.stdout)["predictions"]
-    assert len(predictions) == 3 and predictions[0]["label"].startswith("class_")
+    assert len(predictions) == 5 and predictions[0]["label"].startswith("class_")  # the one top-k default
 
     explain = _run(client_python, "-m", "serving", "explain", "--server", server.address, "--out-dir",
                    str(tmp_path / "cams"), str(png))

@@ -102,8 +102,9 @@ def find_idx_dir(dataset: str, data_dir: str | os.PathLike | None = None) -> Pat
         if any((p / (name + ext)).exists() for name in IDX_FILES.values() for ext in (".gz", "")):
             return p
     raise DatasetError(
-        f"{dataset} not found (looked in: {', '.join(tried) or 'nothing'}). Pass --data-dir, set "
-        f"${env_var}, install Debian's dataset-{dataset} package, or use --download."
+        f"{dataset} not found (looked in: {', '.join(tried) or 'nothing'}). Give its directory (train: "
+        f"data_dir=DIR; export: --data-dir DIR), set ${env_var}, install Debian's dataset-{dataset} package, or "
+        f"let train fetch it with download=true."
     )
 
 
@@ -231,11 +232,11 @@ def load_dataset(name: str, data_dir: str | None = None, download: bool = False,
         return load_idx_dataset(name, data_dir, download, verify)
     if name == "cifar10":
         if not data_dir:
-            raise DatasetError("cifar10 needs --data-dir pointing at cifar-10-batches-py")
+            raise DatasetError("cifar10 needs data_dir= pointing at cifar-10-batches-py")
         return load_cifar10(data_dir)
     if name == "folder":
         if not data_dir:
-            raise DatasetError("folder datasets need --data-dir")
+            raise DatasetError("folder datasets need data_dir= (one subfolder per class)")
         return load_image_folder(data_dir, size, channels)
     raise DatasetError(f"unknown dataset {name!r}: fashion-mnist, mnist, cifar10 or folder")
 

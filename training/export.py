@@ -114,10 +114,11 @@ def build_config(name: str, model: ImageClassifier, max_batch_size: int,
 def export_to_repository(model: ImageClassifier, classes: list[str], repository: Path, name: str,
                          architecture: str, metrics: dict | None = None, version: int | None = None,
                          max_batch_size: int = 64, check_batch: torch.Tensor | None = None,
-                         precision: str = "fp32") -> Path:
+                         precision: str = "fp32", check_data: str = "") -> Path:
     """Write <repo>/<name>/<version>/model.onnx (+ metadata, CAM weights), config.pbtxt and labels.txt.
 
-    The version directory is assembled aside and renamed into the repository (`staged_version`).
+    The version directory is assembled aside and renamed into the repository (`staged_version`). The parity
+    check runs on `check_batch`, which `check_data` describes (default: 8 images of random pixels).
     """
     model = model.eval()
     model_dir = repository / name
@@ -129,12 +130,13 @@ def export_to_repository(model: ImageClassifier, classes: list[str], repository:
     c, (h, w) = model.in_channels, model.input_size
     if check_batch is None:
         check_batch = torch.rand(8, c, h, w, generator=torch.Generator().manual_seed(0))
+        check_data = "images of random pixels"
+    check_data = f"{len(check_batch)} {check_data or 'given images'}"
     with staged_version(model_dir, final) as staging:
         started = time.time()
         export_onnx(model, staging / MODEL_FILE)
         err = parity_error(model, staging / MODEL_FILE, check_batch)
-        print(f"{name}: ONNX parity max abs difference {err:.2e} on a batch of {len(check_batch)} "
-              f"({time.time() - started:.1f}s)")
+        print(f"{name}: ONNX parity max abs difference {err:.2e} on {check_data} ({time.time() - started:.1f}s)")
         if err > PARITY_TOLERANCE:
             raise ExportError(f"{name}: ONNX output differs from PyTorch by {err:.2e} > {PARITY_TOLERANCE:g}")
         weights, reason = _cam_weights(model)
@@ -142,6 +144,7 @@ def export_to_repository(model: ImageClassifier, classes: list[str], repository:
             np.save(staging / CAM_WEIGHTS_FILE, weights)
         n_params = sum(p.numel() for p in model.parameters())
         meta = {"architecture": architecture, "parameters": n_params, "parity_max_abs_diff": err,
+                "parity_data": check_data,
                 "precision": precision, "opset": OPSET, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "onnx_bytes": (staging / MODEL_FILE).stat().st_size, "metrics": metrics or {}}
         if reason:
@@ -161,12 +164,18 @@ def _metrics_of(checkpoint: Path) -> dict:
 
 
 def export_main(args: argparse.Namespace) -> None:
+    from .config import UsageError
     from .train import load_checkpoint
 
-    repo = Path(args.repository)
+    repo = Path(args.model_repository)
     if args.all:
+        if args.fp16 or args.quantize:
+            raise UsageError("--fp16 and --quantize take one checkpoint, not --all")
         ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
         chosen = args.models.split(",") if getattr(args, "models", None) else list_models()
+        unknown = sorted(set(chosen) - set(list_models()))
+        if unknown:
+            raise UsageError(f"--models: {', '.join(unknown)} not registered (python -m training models lists them)")
         for arch in chosen:
             ckpt = ckpt_dir / arch / "checkpoint.pt" if ckpt_dir else None
             if ckpt and ckpt.exists():
@@ -179,29 +188,43 @@ def export_main(args: argparse.Namespace) -> None:
             export_to_repository(model, classes, repo, arch, arch, metrics, max_batch_size=args.max_batch_size)
         return
     if not args.checkpoint:
-        raise SystemExit("export needs a checkpoint (or --all)")
+        raise UsageError("export needs a checkpoint (or --all)")
     ckpt = Path(args.checkpoint)
+    if not ckpt.is_file():
+        raise UsageError(f"{ckpt}: no such checkpoint (train writes <out_dir>/checkpoint.pt)")
     model, classes = load_checkpoint(ckpt)
+    if args.fp16 or args.quantize:
+        # A reduced-precision version becomes the newest, and the default version policy serves the newest: it
+        # must never be served unmeasured. Without the test set nothing is written.
+        from .quantize import MissingTestData, load_test_data
+        try:
+            load_test_data(args.data_dir, (model.in_channels, *model.input_size))
+        except MissingTestData as e:
+            flags = " ".join(f for f, on in (("--fp16", args.fp16), (f"--quantize {args.quantize}", args.quantize)) if on)
+            raise UsageError(f"{flags} needs the test set to measure the reduced-precision version against FP32 "
+                             f"before it is served, and none was found ({e}); give --data-dir DIR. Nothing was "
+                             f"written.") from None
     state = torch.load(ckpt, weights_only=True)
     arch = state["model_name"]
-    check = _real_batch(model, args.data_dir)
+    check, described = _real_batch(model, args.data_dir)
     path = export_to_repository(model, classes, repo, args.name or arch, arch, _metrics_of(ckpt), args.version,
-                                args.max_batch_size, check)
+                                args.max_batch_size, check, check_data=described)
     print(f"wrote {path}")
     if args.fp16 or args.quantize:
         from .quantize import export_reduced_precision
         export_reduced_precision(path, args.fp16, args.quantize, args.data_dir)
 
 
-def _real_batch(model: ImageClassifier, data_dir: str | None) -> torch.Tensor:
-    """A batch of real test images when the dataset is around, else random pixels."""
+def _real_batch(model: ImageClassifier, data_dir: str | None) -> tuple[torch.Tensor, str]:
+    """A batch of real test images when the dataset is around, else random pixels; and which it is."""
     try:
         from .augment import to_model_input
         from .data import load_idx_dataset
         ds = load_idx_dataset("fashion-mnist", data_dir)
         if ds.test is not None:
-            return to_model_input(ds.test.images[:64], model.in_channels, model.input_size)
-    except Exception:  # noqa: BLE001 - the check still runs on random data
+            return to_model_input(ds.test.images[:64], model.in_channels, model.input_size), "Fashion-MNIST test images"
+    except Exception:  # noqa: BLE001 - the check still runs, on random data, and says so
         pass
     c, (h, w) = model.in_channels, model.input_size
-    return torch.rand(64, c, h, w, generator=torch.Generator().manual_seed(0))
+    return (torch.rand(64, c, h, w, generator=torch.Generator().manual_seed(0)),
+            "images of random pixels (no Fashion-MNIST test set found: --data-dir DIR checks on real ones)")

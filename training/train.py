@@ -1,4 +1,4 @@
-"""The training loop: reads top to bottom; configuration is one dataclass with file and CLI overrides.
+"""The training loop: reads top to bottom; its configuration is one dataclass (training/config.py).
 
 Single process by default; under `torchrun --nproc_per_node N` it runs distributed data parallel (gloo on
 CPU, nccl on GPU), each rank training on its own shard of every epoch.
@@ -22,7 +22,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,89 +33,11 @@ from tqdm import tqdm
 
 from . import data as datasets
 from .augment import AugmentConfig, augment, to_model_input
+from .config import TrainConfig, config_from_dict, load_config  # noqa: F401 - the loop's configuration, re-exported
 from .models import create_model
 from .plots import confusion_matrix, plot_confusion_matrix, plot_learning_curves
 
 PROGRESS_EVERY = 20  # steps between progress-bar updates: each update waits for the device
-
-
-@dataclass
-class TrainConfig:
-    model: str = "small_fmnist"
-    model_args: dict = field(default_factory=dict)
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    download: bool = False
-    verify_checksums: bool = True           # SHA-256 of the official IDX files
-    input_size: list[int] | None = None     # default: the dataset's own size
-    channels: int | None = None             # default: the dataset's own channels
-    val_fraction: float = 0.1
-    epochs: int = 15
-    batch_size: int = 128                   # per process: the global batch is batch_size x processes
-    optimizer: str = "sgd"                  # sgd | adam | adamw
-    lr: float = 0.1                         # the peak learning rate; with lr_scaling: linear, the one for 256 images
-    lr_scaling: str = "none"                # none | linear: lr x global batch / 256 (Goyal et al., 2017)
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"                # cosine | step | onecycle | constant
-    warmup_epochs: float = 1.0
-    step_size: int = 10                     # epochs between decays, step schedule
-    step_gamma: float = 0.1
-    loss: str = "cross_entropy"             # cross_entropy | quadratic
-    label_smoothing: float = 0.0
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    early_stopping: int = 0                 # stop after this many epochs without a better val accuracy
-    time_limit_s: float = 0.0               # stop after the epoch that ends past this many seconds; 0 = none
-    seed: int = 0
-    device: str = "auto"                    # auto (CUDA when torch sees a GPU) | cpu | cuda | cuda:N
-    amp: str = "auto"                       # auto (bf16 on CUDA, off on CPU) | bf16 | off
-    compile: bool = False                   # torch.compile the training step's model
-    compile_backend: str = "inductor"       # torch.compile's backend; aot_eager traces without generating code
-    threads: int = 0                        # torch intra-op threads, 0 = torch's default
-    eval_batch_size: int = 1000
-    out_dir: str = "runs/small_fmnist"
-    resume: bool = False
-    max_train_samples: int = 0              # 0 = all; for quick runs and tests
-    progress: bool = True
-
-
-def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
-    """File (YAML or TOML) first, then `key=value` overrides (dotted keys reach into nested sections)."""
-    values: dict = {}
-    if path:
-        text = Path(path).read_text()
-        if path.endswith(".toml"):
-            import tomllib
-            values = tomllib.loads(text)
-        else:
-            import yaml
-            values = yaml.safe_load(text) or {}
-    for item in overrides:
-        key, _, raw = item.partition("=")
-        if not _:
-            raise ValueError(f"override {item!r} is not key=value")
-        try:
-            import yaml
-            value = yaml.safe_load(raw)
-        except Exception:
-            value = raw
-        target = values
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target.setdefault(p, {})
-        target[leaf] = value
-    return config_from_dict(values)
-
-
-def config_from_dict(values: dict) -> TrainConfig:
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
-    values = dict(values)
-    values["augment"] = AugmentConfig(**values.get("augment", {}))
-    return TrainConfig(**values)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -402,8 +324,10 @@ def train_one_epoch(cfg: TrainConfig, rt: Runtime, module: nn.Module, optimizer:
     correct = torch.zeros((), dtype=torch.int64, device=rt.device)
     seen = 0
     show = cfg.progress and rt.is_main
-    bar = tqdm(batches, total=schedule.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show,
-               leave=False)
+    # disable=None: tqdm turns itself off when stderr is not a terminal, so a log gets the epoch lines, not
+    # thousands of carriage-return updates.
+    bar = tqdm(batches, total=schedule.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               disable=None if show else True, leave=False)
     for step, (x, y) in enumerate(bar):
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr_at(epoch * schedule.steps_per_epoch + step)

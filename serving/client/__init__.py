@@ -10,15 +10,40 @@ training, which an import contract (`.importlinter`) checks.
         cams = client.explain(["shoe.png"], model="fashion_mnist", overlay=True)
 
 Channels are reused across calls; several targets are used round robin (one job, many replicas); calls
-that fail with UNAVAILABLE are retried with exponential backoff; every call has a deadline. `tls=Tls(...)`
+that fail with UNAVAILABLE are retried by gRPC with backoff and jitter (`retry.RetryPolicy`, a service config),
+then on the next target; every call has a deadline. `tls=Tls(...)`
 connects with TLS (mutual TLS with a client certificate); `token=` (or $CNN_SERVING_TOKEN) is sent as
-`authorization: Bearer <token>` on every call.
+`authorization: Bearer <token>` on every call. A refused call raises a typed `ClientError` (`NotFound`,
+`InvalidArgument`, `Unavailable`, `Unauthenticated`, ...; each a grpc.RpcError with `code()` and `details()`).
 """
 
 from .aio import AsyncClassifierClient
 from .connection import Tls
-from .messages import RETRYABLE, Explanation, ImageLike, ModelInfo, Prediction, to_wire_image
+from .messages import (
+    RETRYABLE,
+    Cancelled,
+    ClientError,
+    DeadlineExceeded,
+    Explanation,
+    FailedPrecondition,
+    ImageLike,
+    Internal,
+    InvalidArgument,
+    ModelInfo,
+    NotFound,
+    PermissionDenied,
+    Prediction,
+    ResourceExhausted,
+    StreamResult,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+    to_wire_image,
+)
+from .retry import RetryPolicy, service_config_option
 from .sync import ClassifierClient
 
-__all__ = ["AsyncClassifierClient", "ClassifierClient", "Explanation", "ImageLike", "ModelInfo", "Prediction",
-           "RETRYABLE", "Tls", "to_wire_image"]
+__all__ = ["AsyncClassifierClient", "Cancelled", "ClassifierClient", "ClientError", "DeadlineExceeded",
+           "Explanation", "FailedPrecondition", "ImageLike", "Internal", "InvalidArgument", "ModelInfo", "NotFound",
+           "PermissionDenied", "Prediction", "RETRYABLE", "ResourceExhausted", "RetryPolicy", "StreamResult", "Tls",
+           "Unauthenticated", "Unavailable", "Unimplemented", "service_config_option", "to_wire_image"]

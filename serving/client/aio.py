@@ -12,7 +12,16 @@ from ..wire.classifier.v1 import classifier_pb2 as pb
 from ..wire.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from . import messages
 from .connection import Tls, aio_channel, call_metadata
-from .messages import DEFAULT_MAX_MESSAGE_BYTES, RETRYABLE, Explanation, ImageLike, ModelInfo, Prediction
+from .messages import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    RETRYABLE,
+    Explanation,
+    ImageLike,
+    ModelInfo,
+    Prediction,
+    StreamResult,
+)
+from .retry import RetryPolicy
 from .tracecontext import with_trace_context
 
 
@@ -24,23 +33,24 @@ class AsyncClassifierClient:
                  tls: Tls | None = None, token: str | None = None):
         self.targets = [targets] if isinstance(targets, str) else list(targets)
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
-        self._channels = [aio_channel(t, messages.channel_options(max_message_bytes), tls) for t in self.targets]
+        self.policy = RetryPolicy(retries, initial_backoff_s=backoff_s)
+        self._channels = [aio_channel(t, messages.channel_options(max_message_bytes, self.policy), tls) for t in self.targets]
         self._metadata = call_metadata(token)
         self._stubs = [pb_grpc.ClassifierStub(c) for c in self._channels]
         self._next = itertools.cycle(range(len(self._stubs)))
 
     async def _call(self, method: str, request, timeout_s: float | None = None):
-        delay = self.backoff_s
-        for attempt in range(self.retries + 1):
-            stub = self._stubs[next(self._next)]
+        # gRPC has already retried UNAVAILABLE on this target's channel, with backoff (retry.py); with several
+        # targets, such a call then goes to each of the others once, in turn.
+        first, tries = next(self._next), len(self._stubs) if self.policy.retries > 0 else 1
+        for n in range(tries):
+            stub = self._stubs[(first + n) % len(self._stubs)]
             try:
                 return await getattr(stub, method)(request, timeout=timeout_s or self.timeout_s,
                                              metadata=with_trace_context(self._metadata))
             except grpc.aio.AioRpcError as e:
-                if e.code() not in RETRYABLE or attempt == self.retries:
-                    raise
-                await asyncio.sleep(delay)
-                delay *= 2
+                if e.code() not in RETRYABLE or n == tries - 1:
+                    raise messages.client_error(e) from None  # typed: NotFound, InvalidArgument, ...
 
     async def classify(self, images: Iterable[ImageLike], model: str = "", top_k: int = 5,
                        version: int = 0) -> list[list[Prediction]]:
@@ -61,9 +71,24 @@ class AsyncClassifierClient:
 
     async def classify_stream(self, batches: AsyncIterator[tuple[str, Sequence[ImageLike]]] | Iterable,
                               model: str = "", top_k: int = 5, window: int = 16,
-                              target_index: int | None = None, version: int = 0) -> AsyncIterator:
+                              target_index: int | None = None, version: int = 0) -> AsyncIterator[StreamResult]:
         """As ClassifierClient.classify_stream; `target_index` pins the stream to one target (one stream per
         replica), otherwise targets are taken round robin. Closing the iterator cancels the call."""
+        responses = self.classify_stream_messages(batches, model, top_k, window, target_index, version)
+        try:
+            async for response in responses:
+                yield messages.stream_result(response)
+        except grpc.aio.AioRpcError as e:
+            raise messages.client_error(e) from None
+        finally:
+            await responses.aclose()
+
+    async def classify_stream_messages(self, batches: AsyncIterator[tuple[str, Sequence[ImageLike]]] | Iterable,
+                                       model: str = "", top_k: int = 5, window: int = 16,
+                                       target_index: int | None = None,
+                                       version: int = 0) -> AsyncIterator[pb.StreamClassifyResponse]:
+        """classify_stream without the conversion: the server's own messages, for callers that pass them on (a
+        batch job reads thousands a second)."""
         slots = asyncio.Semaphore(window)
 
         async def requests():

@@ -52,14 +52,14 @@ def cmd_load(args: argparse.Namespace) -> int:
     with _Repository(args) as repo:
         # Loading warms the model up, which can take longer than a query: the deadline is the caller's.
         repo.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=args.model), **repo.call)
-    print(f"{args.model}: loaded")
+    print(json.dumps({"name": args.model, "state": "loaded"}) if args.json else f"{args.model}: loaded")
     return 0
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
     with _Repository(args) as repo:
         repo.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=args.model), **repo.call)
-    print(f"{args.model}: unloaded")
+    print(json.dumps({"name": args.model, "state": "unloaded"}) if args.json else f"{args.model}: unloaded")
     return 0
 
 
@@ -69,13 +69,13 @@ def add_subcommand(subparsers) -> None:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--server", default="127.0.0.1:8001", help="host:port of the gRPC server")
-        p.add_argument("--timeout", type=float, default=60.0, help="deadline, seconds")
+        p.add_argument("--timeout", type=float, default=60.0, help="deadline, seconds (default 60)")
+        p.add_argument("--json", action="store_true", help="one JSON object per line")
         connection.add_arguments(p)
 
     p = actions.add_parser("index", help="every model directory and version with its state and reason")
     common(p)
     p.add_argument("--ready", action="store_true", help="only the versions that serve")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_index)
     for name, func, text in (("load", cmd_load, "load or reload a model (its versions per the version policy)"),
                              ("unload", cmd_unload, "stop serving a model (queued requests finish first)")):

@@ -8,10 +8,12 @@ through a generated stub the base install would have to carry.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import grpc
 
+from ..cli_support import comma_list
 from . import connection
 
 CHECK = "/grpc.health.v1.Health/Check"
@@ -37,20 +39,31 @@ def check(target: str, service: str = "", timeout_s: float = 3.0, tls: connectio
 
 
 def cmd_health(args: argparse.Namespace) -> int:
+    """Every server's status, one line each; exit 0 only when all of them serve."""
     tls, _ = connection.from_arguments(args)
-    try:
-        status = check(args.server, args.service, args.timeout, tls)
-    except grpc.RpcError as e:
-        print(f"{args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
-        return 1
-    print(f"{args.server}: {status}")
-    return 0 if status == "SERVING" else 1
+    serving = True
+    for server in args.server:
+        try:
+            status, error = check(server, args.service, args.timeout, tls), ""
+        except grpc.RpcError as e:
+            status, error = e.code().name, e.details() or ""
+        serving = serving and status == "SERVING"
+        if args.json:
+            print(json.dumps({"server": server, "status": status, **({"error": error} if error else {})}))
+        elif error:
+            print(f"{server}: {status}: {error}", file=sys.stderr)
+        else:
+            print(f"{server}: {status}")
+    return 0 if serving else 1
 
 
 def add_subcommand(subparsers) -> None:
     p = subparsers.add_parser("health", help="exit 0 when the server's gRPC health service says SERVING")
-    p.add_argument("--server", default="127.0.0.1:8001", help="host:port")
+    p.add_argument("--server", type=comma_list, default=["127.0.0.1:8001"],
+                   help="host:port, comma-separated for several: exit 0 only when every one serves "
+                   "(default 127.0.0.1:8001)")
     p.add_argument("--service", default="", help="one service's status (default: the whole server)")
-    p.add_argument("--timeout", type=float, default=3.0, help="deadline, seconds")
+    p.add_argument("--timeout", type=float, default=3.0, help="deadline, seconds (default 3)")
+    p.add_argument("--json", action="store_true", help="one JSON object per server")
     connection.add_arguments(p)
     p.set_defaults(func=cmd_health)

@@ -11,12 +11,92 @@ import grpc
 import numpy as np
 
 from ..wire.classifier.v1 import classifier_pb2 as pb
+from . import retry
+from .retry import RetryPolicy
 
 ImageLike = bytes | str | os.PathLike | np.ndarray
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Calls a client repeats by itself: the server is restarting or has no ready version yet, not the request
-# being bad. (Batch jobs also resend when a replica is busy: `jobs.grpc_engine` extends this set.)
+# being bad. gRPC retries them on their channel (retry.py); a client of several targets then tries the next.
+# (Batch jobs also resend when a replica is busy: `jobs.grpc_engine` extends this set.)
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+# The image files a folder given to `classify`, `explain` or a batch job is searched for.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
+                            ".pbm"})
+
+
+class ClientError(grpc.aio.AioRpcError):
+    """A call the server refused or could not answer, typed by its status code (`NotFound`, `InvalidArgument`,
+    `Unavailable`, ...). It is a grpc.RpcError (and an AioRpcError, whichever client raised it), so code written
+    against raw gRPC errors keeps working: `code()` and `details()` answer as before."""
+
+    def __init__(self, code: grpc.StatusCode, details: str = "", debug_error_string: str | None = None):
+        super().__init__(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, debug_error_string)
+
+    def __str__(self) -> str:
+        return f"{self.code().name}: {self.details()}"
+
+
+class InvalidArgument(ClientError):
+    """The request is malformed: an undecodable image, a bad shape, a class index out of range."""
+
+
+class NotFound(ClientError):
+    """No such model or version."""
+
+
+class FailedPrecondition(ClientError):
+    """The model cannot do this (CAM on a head that is not linear in its feature maps)."""
+
+
+class ResourceExhausted(ClientError):
+    """The server's queue is full, or a message is above its size limit."""
+
+
+class DeadlineExceeded(ClientError):
+    """The call's deadline passed."""
+
+
+class Unavailable(ClientError):
+    """The server is unreachable, draining, or has no ready version (retry later)."""
+
+
+class Unauthenticated(ClientError):
+    """No token, or one the server does not know."""
+
+
+class PermissionDenied(ClientError):
+    """The token may not do this (an inference token on a management call)."""
+
+
+class Cancelled(ClientError):
+    """The call was cancelled."""
+
+
+class Internal(ClientError):
+    """A fault of the server (its log has the traceback)."""
+
+
+class Unimplemented(ClientError):
+    """The server does not implement this call."""
+
+
+_ERROR_TYPES = {cls.__name__: cls for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted,
+                                              DeadlineExceeded, Unavailable, Unauthenticated, PermissionDenied,
+                                              Cancelled, Internal, Unimplemented)}
+ERROR_TYPES: dict[grpc.StatusCode, type[ClientError]] = {
+    code: _ERROR_TYPES.get("".join(w.capitalize() for w in code.name.split("_")), ClientError)
+    for code in grpc.StatusCode if code is not grpc.StatusCode.OK}
+
+
+def client_error(e: grpc.RpcError) -> ClientError:
+    """The typed error for a raw gRPC error (the same object when it is typed already)."""
+    if isinstance(e, ClientError):
+        return e
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    details = e.details() if hasattr(e, "details") else str(e)
+    debug = e.debug_error_string() if hasattr(e, "debug_error_string") else None
+    return ERROR_TYPES.get(code, ClientError)(code, details or "", debug)
 
 
 @dataclass(frozen=True)
@@ -34,6 +114,33 @@ class Explanation:
 
 
 @dataclass
+class StreamResult:
+    """One answer of `classify_stream`: the request's id, and its predictions (one list per image) or the
+    status code and message of its failure (the stream goes on after a failed item)."""
+    request_id: str
+    predictions: list[list[Prediction]] = field(default_factory=list)
+    model: str = ""
+    version: int = 0
+    error_code: int = 0          # a grpc.StatusCode value; 0 when the request succeeded
+    error_message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error_code
+
+    @property
+    def error(self) -> ClientError | None:
+        """The failure as the typed error a unary call would raise, or None."""
+        if not self.error_code:
+            return None
+        code = _STATUS_BY_VALUE.get(self.error_code, grpc.StatusCode.UNKNOWN)
+        return ERROR_TYPES.get(code, ClientError)(code, self.error_message)
+
+
+_STATUS_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
+
+
+@dataclass
 class ModelInfo:
     name: str
     version: int
@@ -47,8 +154,16 @@ class ModelInfo:
     max_batch_size: int
     architecture: str
     parameters: int
-    metrics: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float | str] = field(default_factory=dict)  # numbers as floats, notes as text
     versions: list[tuple[int, str, str]] = field(default_factory=list)
+
+
+def _typed_metric(text: str) -> float | str:
+    """The wire carries metrics as strings; a number comes back as a float (test_acc 0.9274, not "0.9274")."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def to_wire_image(image: ImageLike) -> pb.Image:
@@ -68,8 +183,11 @@ def to_wire_image(image: ImageLike) -> pb.Image:
         return pb.Image(tensor=pb.Tensor(shape=list(image.shape), dtype=dtype,
                                          data=np.ascontiguousarray(image).astype(image.dtype.newbyteorder("<")).tobytes()))
     if hasattr(image, "save"):  # a PIL image
+        from PIL import ImageOps  # only reached with a PIL image in hand, so Pillow is there
         buf = io.BytesIO()
-        image.save(buf, format="PNG")
+        # A photo's EXIF orientation is applied before the pixels are re-encoded (PNG drops the tag): a phone
+        # picture is classified upright, not on its side.
+        ImageOps.exif_transpose(image).save(buf, format="PNG")
         return pb.Image(encoded=buf.getvalue())
     raise TypeError(f"cannot send {type(image).__name__} as an image")
 
@@ -90,7 +208,8 @@ def model_info(r: pb.GetModelResponse) -> ModelInfo:
     p = r.preprocessing
     return ModelInfo(r.name, r.version, list(r.labels), (p.channels, p.height, p.width), list(p.mean), list(p.std),
                      r.execution_provider, r.supports_cam, r.cam_unsupported_reason, r.max_batch_size,
-                     r.architecture, r.parameters, dict(r.metrics), [(v.version, v.state, v.reason) for v in r.versions])
+                     r.architecture, r.parameters, {k: _typed_metric(v) for k, v in r.metrics.items()},
+                     [(v.version, v.state, v.reason) for v in r.versions])
 
 
 def classify_request(images, model: str, version: int, top_k: int) -> pb.ClassifyRequest:
@@ -101,6 +220,13 @@ def stream_request(request_id: str, images, model: str, top_k: int, version: int
     return pb.StreamClassifyRequest(request_id=request_id, request=classify_request(images, model, version, top_k))
 
 
+def stream_result(r: pb.StreamClassifyResponse) -> StreamResult:
+    if r.error_code:
+        return StreamResult(r.request_id, error_code=r.error_code, error_message=r.error_message)
+    return StreamResult(r.request_id, [predictions(c) for c in r.response.results], r.response.model,
+                        r.response.version)
+
+
 def explain_request(images, model, version, target_class, overlay) -> pb.ExplainRequest:
     req = pb.ExplainRequest(model=model, version=version, images=[to_wire_image(i) for i in images], overlay=overlay)
     if target_class is not None:
@@ -108,6 +234,7 @@ def explain_request(images, model, version, target_class, overlay) -> pb.Explain
     return req
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+def channel_options(max_message_bytes: int, policy: RetryPolicy) -> list[tuple[str, int | str]]:
+    """The options of a client channel: message size limits both ways, and the retry policy's (retry.py)."""
     return [("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)]
+            ("grpc.max_send_message_length", max_message_bytes), *retry.channel_options(policy)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import grpc
@@ -13,7 +12,16 @@ from ..wire.classifier.v1 import classifier_pb2 as pb
 from ..wire.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from . import messages
 from .connection import Tls, call_metadata, channel
-from .messages import DEFAULT_MAX_MESSAGE_BYTES, RETRYABLE, Explanation, ImageLike, ModelInfo, Prediction
+from .messages import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    RETRYABLE,
+    Explanation,
+    ImageLike,
+    ModelInfo,
+    Prediction,
+    StreamResult,
+)
+from .retry import RetryPolicy
 from .tracecontext import with_trace_context
 
 
@@ -27,23 +35,24 @@ class ClassifierClient:
                  tls: Tls | None = None, token: str | None = None):
         self.targets = [targets] if isinstance(targets, str) else list(targets)
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
-        self._channels = [channel(t, messages.channel_options(max_message_bytes), tls) for t in self.targets]
+        self.policy = RetryPolicy(retries, initial_backoff_s=backoff_s)
+        self._channels = [channel(t, messages.channel_options(max_message_bytes, self.policy), tls) for t in self.targets]
         self._metadata = call_metadata(token)
         self._stubs = [pb_grpc.ClassifierStub(c) for c in self._channels]
         self._next = itertools.cycle(range(len(self._stubs)))
 
     def _call(self, method: str, request, timeout_s: float | None = None):
-        delay = self.backoff_s
-        for attempt in range(self.retries + 1):
-            stub = self._stubs[next(self._next)]
+        # gRPC has already retried UNAVAILABLE on this target's channel, with backoff (retry.py); with several
+        # targets, such a call then goes to each of the others once, in turn.
+        first, tries = next(self._next), len(self._stubs) if self.policy.retries > 0 else 1
+        for n in range(tries):
+            stub = self._stubs[(first + n) % len(self._stubs)]
             try:
                 return getattr(stub, method)(request, timeout=timeout_s or self.timeout_s,
                                              metadata=with_trace_context(self._metadata))
             except grpc.RpcError as e:
-                if e.code() not in RETRYABLE or attempt == self.retries:
-                    raise
-                time.sleep(delay)
-                delay *= 2
+                if e.code() not in RETRYABLE or n == tries - 1:
+                    raise messages.client_error(e) from None  # typed: NotFound, InvalidArgument, ...
 
     def classify(self, images: Iterable[ImageLike], model: str = "", top_k: int = 5,
                  version: int = 0) -> list[list[Prediction]]:
@@ -63,10 +72,24 @@ class ClassifierClient:
 
     def classify_stream(self, batches: Iterable[tuple[str, Sequence[ImageLike]]], model: str = "", top_k: int = 5,
                         window: int = 16, target_index: int | None = None,
-                        version: int = 0) -> Iterator[pb.StreamClassifyResponse]:
+                        version: int = 0) -> Iterator[StreamResult]:
         """Stream (request_id, images) batches; at most `window` requests are in flight at once.
-        Yields the server's responses in order (request_id echoed, error_code set on a failed item).
+        Yields a StreamResult per request, in order (request_id echoed; error_code and error_message set on a
+        failed item, and the stream goes on). A failure of the whole stream raises a typed ClientError.
         `version` pins every request to one version (0: the newest ready, request by request)."""
+        responses = self.classify_stream_messages(batches, model, top_k, window, target_index, version)
+        try:
+            for response in responses:
+                yield messages.stream_result(response)
+        except grpc.RpcError as e:
+            raise messages.client_error(e) from None
+        finally:
+            responses.close()  # a caller that stops early cancels the call at once, not when collected
+
+    def classify_stream_messages(self, batches: Iterable[tuple[str, Sequence[ImageLike]]], model: str = "",
+                                 top_k: int = 5, window: int = 16, target_index: int | None = None,
+                                 version: int = 0) -> Iterator[pb.StreamClassifyResponse]:
+        """classify_stream without the conversion: the server's own messages, for callers that pass them on."""
         slots = threading.Semaphore(window)
         stop = threading.Event()
 

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import sys
 
+from ..cli_support import non_negative_int, positive_int
 from ..client import connection
 from . import grpc_engine
 from .errors import BatchError
@@ -35,12 +36,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default="127.0.0.1:8001", help="host:port, comma-separated for several "
                    "replicas (one stream each, requests dealt round robin)")
     p.add_argument("--model", default="", help="model name (default: the only one served)")
+    p.add_argument("--model-version", type=non_negative_int, default=0, help="model version (default 0: the "
+                   "newest its version policy serves)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a call (or a silent stream) may take")
     p.add_argument("-o", "--output", default="predictions.jsonl", help="JSONL, CSV when it ends in .csv, or a "
                    "folder of Parquet parts when it ends in .parquet; an existing output is resumed")
     p.add_argument("--batch-size", type=int, default=64, help="images per request (gRPC) or per onnxruntime run (Ray)")
     p.add_argument("--window", type=int, default=8, help="requests in flight per stream")
-    p.add_argument("--top-k", type=int, default=5, help="predictions kept per image")
+    p.add_argument("--top-k", type=positive_int, default=5, help="predictions kept per image (default 5)")
     p.add_argument("--cam-dir", help="write a CAM overlay PNG per image here (via Explain)")
     p.add_argument("--cam-mistakes-only", action="store_true", help="CAM overlays only for misclassified images")
     p.add_argument("--sheet-size", type=int, default=16, help="mistakes on the contact sheet")
@@ -49,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "model or version wrote it")
     p.add_argument("--stop-after", type=int, help="classify at most this many images now, then stop (resumable)")
     p.add_argument("--retries", type=int, default=3, help="retries of a request or stream on UNAVAILABLE/busy")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off by itself when stderr "
+                   "is not a terminal)")
     connection.add_arguments(p)
     ray = p.add_argument_group("Ray engine (--engine ray)")
     ray.add_argument("--model-repository", default="", help="the repository the actors load the model from; "
@@ -63,6 +67,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "CPUs it takes from Ray (default 1)")
 
 
+# Flags only one engine reads, with their defaults: given to the other engine they would be silently ignored.
+_GRPC_ONLY = {"server": "127.0.0.1:8001", "window": 8, "retries": 3, "cam_dir": None, "cam_mistakes_only": False,
+              "tls": False, "tls_ca": "", "tls_cert": "", "tls_key": "", "token_file": ""}
+_RAY_ONLY = {"model_repository": "", "ray_address": "", "num_actors": 0, "gpus_per_actor": 0,
+             "threads_per_actor": 1}
+
+
+def _other_engines_flags(args: argparse.Namespace) -> list[str]:
+    """The flags given that the chosen engine does not read, as the user spelled them (--ray-address)."""
+    other = _RAY_ONLY if args.engine == "grpc" else _GRPC_ONLY
+    return ["--" + dest.replace("_", "-") for dest, default in other.items() if getattr(args, dest) != default]
+
+
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.window < 1:
         print("error: --batch-size and --window must be at least 1", file=sys.stderr)
@@ -71,12 +88,17 @@ def run(args: argparse.Namespace) -> int:
         print("error: --num-actors must be at least 0 (0: the default), --threads-per-actor at least 1 and "
               "--gpus-per-actor at least 0", file=sys.stderr)
         return 2
+    wrong = _other_engines_flags(args)
+    if wrong:
+        print(f"error: {', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} nothing with --engine {args.engine}",
+              file=sys.stderr)
+        return 2
     try:
         if args.engine == "ray":
             from . import ray_engine  # loads the server's model code: only with --engine ray
             return ray_engine.run_job(args)
         return asyncio.run(grpc_engine.run_job(args))
-    except BatchError as e:
+    except BatchError as e:  # exit 2 for the user's mistakes (InputError, OutputOfAnotherModel), else 1
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

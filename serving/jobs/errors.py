@@ -7,6 +7,13 @@ class BatchError(RuntimeError):
     exit_code = 1
 
 
+class InputError(BatchError):
+    """The input or the flags cannot work (a missing or unreadable file, flags that do not go together): a user
+    mistake, answered with one line and exit code 2 rather than a traceback."""
+
+    exit_code = 2
+
+
 class OutputOfAnotherModel(BatchError):
     """The output holds rows of another model or version (or rows that record none): going on would mix two
     models' answers in one output and one summary. A mistake in the command, like a bad flag, so exit code 2."""

@@ -7,6 +7,8 @@ half-written last line is dropped and redone. Every request names the version th
 an answer from any other is refused, so the rows of one output come from one model version even when the
 servers swap versions under the job (`output.py` records it, and refuses to resume with another). A
 stream that breaks is reopened; an address that keeps failing is dropped and its requests go to the others.
+Waits between tries follow the client's retry policy (client/retry.py: backoff with jitter), the one gRPC
+applies to the calls it retries itself.
 """
 
 from __future__ import annotations
@@ -55,7 +57,6 @@ class JobOptions:
     window: int = 8
     timeout_s: float = 30.0
     retries: int = 3
-    backoff_s: float = 0.2
     cam_dir: Path | None = None
     cam_mistakes_only: bool = False
     progress: bool = True
@@ -89,7 +90,7 @@ class StreamJob:
     async def run(self) -> RunStats:
         from tqdm import tqdm
         started = time.perf_counter()
-        self._bar = tqdm(total=self._total, initial=self._initial, unit="img", disable=not self.o.progress,
+        self._bar = tqdm(total=self._total, initial=self._initial, unit="img", disable=None if self.o.progress else True,
                          smoothing=0.1, dynamic_ncols=True)
         try:
             while todo := [i for i in self.live if self.queues[i]]:
@@ -109,9 +110,9 @@ class StreamJob:
         queue, target, failures = self.queues[i], self.client.targets[i], 0
         while queue and i in self.live:
             in_flight: collections.deque[_Request] = collections.deque()
-            responses = self.client.classify_stream(self._feed(queue, in_flight), model=self.info.name,
-                                                    version=self.info.version, top_k=self.o.top_k,
-                                                    window=self.o.window, target_index=i)
+            responses = self.client.classify_stream_messages(self._feed(queue, in_flight), model=self.info.name,
+                                                             version=self.info.version, top_k=self.o.top_k,
+                                                             window=self.o.window, target_index=i)
             try:
                 while True:
                     try:
@@ -136,7 +137,7 @@ class StreamJob:
                 if failures > self.o.retries:
                     self._retire(i, f"{code.name}: {detail}")
                     return
-                await asyncio.sleep(self.o.backoff_s * 2 ** (failures - 1))
+                await asyncio.sleep(self.client.policy.delay(failures))
             finally:
                 await responses.aclose()
 
@@ -176,7 +177,7 @@ class StreamJob:
                 if request.attempts > self.o.retries:
                     raise BatchError(f"request {request.request_id}: {code.name} after {self.o.retries} retries: "
                                      f"{response.error_message}")
-                await asyncio.sleep(self.o.backoff_s * 2 ** (request.attempts - 1))
+                await asyncio.sleep(self.client.policy.delay(request.attempts))
                 queue.appendleft(request)
             elif len(request.positions) > 1:
                 # One bad image fails its whole request: resend one by one to find it and keep the rest.
@@ -245,8 +246,9 @@ async def _run_job(args: argparse.Namespace) -> int:
     source = open_source(args)
     targets = [t.strip() for t in args.server.split(",") if t.strip()]
     tls, token = connection.from_arguments(args)
-    async with AsyncClassifierClient(targets, timeout_s=args.timeout, tls=tls, token=token) as client:
-        info = await client.get_model(args.model)
+    async with AsyncClassifierClient(targets, timeout_s=args.timeout, retries=args.retries, tls=tls,
+                                     token=token) as client:
+        info = await client.get_model(args.model, args.model_version)
         top_k = max(1, min(args.top_k, len(info.labels)))
         output = Output(args.output, top_k)
         written = output.begin(WrittenWith(info.name, info.version), fresh=args.fresh)

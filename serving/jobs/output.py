@@ -20,9 +20,10 @@ from pathlib import Path
 
 import orjson
 
+from ..client.messages import IMAGE_SUFFIXES
 from .errors import BatchError, OutputOfAnotherModel
 
-PARQUET_EXTRA_HINT = "Parquet needs pyarrow: pip install 'cnn-serving[ray]'"
+PARQUET_EXTRA_HINT = "Parquet needs pyarrow: pip install 'cnn-serving[parquet]'"
 MANIFEST_SUFFIX = ".job.json"
 # What a job writes next to its rows, all of which describe the rows: a fresh output removes them with the rows.
 REPORT_SUFFIXES = (".summary.json", ".confusion.png", ".mistakes.png")
@@ -153,6 +154,7 @@ class Output:
 
     def open(self) -> None:
         if self.parquet:
+            pyarrow_modules()  # without pyarrow, say so before an empty output folder is left behind
             self.path.mkdir(parents=True, exist_ok=True)
             self._parts = max((int(p.stem.split("-")[1]) + 1 for p in self.path.glob("part-*.parquet")), default=0)
             return
@@ -255,4 +257,6 @@ def _row_from_csv(flat: dict) -> dict:
 
 
 def cam_file_name(image_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("_") + ".png"
+    """`Bag/a.png` gives `Bag_a_cam.png` (as `explain` names its files), not `Bag_a.png.png`."""
+    stem = image_id[: -len(Path(image_id).suffix)] if Path(image_id).suffix.lower() in IMAGE_SUFFIXES else image_id
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("_") + "_cam.png"

@@ -57,8 +57,8 @@ BLOCKS_PER_ACTOR = 3
 ACTORS_START_TIMEOUT_S = 300
 
 
-def choose_model(repository: Path, model: str) -> tuple[ModelSpec, int]:
-    """The named model (or the repository's only one) at the newest version its version policy serves."""
+def choose_model(repository: Path, model: str, version: int = 0) -> tuple[ModelSpec, int]:
+    """The named model (or the repository's only one) at `version`, or (0) the newest its version policy serves."""
     if not repository.is_dir():
         raise BatchError(f"model repository {repository} is not a directory")
     names = sorted(p.name for p in repository.iterdir() if (p / CONFIG_FILE).exists())
@@ -72,6 +72,11 @@ def choose_model(repository: Path, model: str) -> tuple[ModelSpec, int]:
         spec = load_spec(repository / model)
     except ConfigError as e:  # what the server would report for the model, as one line
         raise BatchError(str(e)) from None
+    if version:
+        if version not in list_versions(spec.directory):
+            raise BatchError(f"model {model!r} has no version {version} in {repository} (versions: "
+                             f"{', '.join(map(str, list_versions(spec.directory))) or 'none'})")
+        return spec, version
     versions = select_versions(spec.config, list_versions(spec.directory))
     if not versions:
         raise BatchError(f"model {model!r} has no version directory with a model file in {repository}")
@@ -354,7 +359,8 @@ def run_job(args: argparse.Namespace) -> int:
     if args.cam_dir:
         raise BatchError("--cam-dir is for the gRPC engine; the Ray engine writes rows and the summary")
     source = open_source(args)
-    spec, version = choose_model(Path(args.model_repository or BUNDLED_REPOSITORY), args.model)
+    spec, version = choose_model(Path(args.model_repository or BUNDLED_REPOSITORY), args.model,
+                                 args.model_version)
     top_k = max(1, min(args.top_k, spec.num_classes))
     output = Output(args.output, top_k)
     written = output.begin(WrittenWith(spec.name, version), fresh=args.fresh)  # before Ray starts: a refusal is quick
@@ -365,7 +371,7 @@ def run_job(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     output.open()
     try:
-        with tqdm(total=len(source), initial=already, unit="img", disable=args.no_progress, smoothing=0.1,
+        with tqdm(total=len(source), initial=already, unit="img", disable=True if args.no_progress else None, smoothing=0.1,
                   dynamic_ncols=True) as progress:
             run = classify(args, source, spec, version, todo, top_k, truth, output, progress) if len(todo) else RayRun()
     finally:

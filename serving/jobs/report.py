@@ -39,7 +39,11 @@ def summarize(rows: list[dict], classes: list[str]) -> dict:
     unknown = collections.Counter(r["true_label"] for r, t in zip(labeled, truth.tolist(), strict=True) if t < 0)
     if unknown:
         summary["labels_not_in_model"] = dict(unknown)
-    support, predicted_count, hits = cm.sum(1), cm.sum(0), np.diag(cm)
+    # An image whose label the model does not have (a `Handbag` folder) is a mistake in the accuracy, so it is
+    # one in the precision too: its prediction counts against the class it was given.
+    outside = predicted[(truth < 0) & (predicted >= 0)]
+    support, hits = cm.sum(1), np.diag(cm)
+    predicted_count = cm.sum(0) + np.bincount(outside, minlength=len(classes))
     summary["per_class"] = {
         c: {"precision": float(hits[i] / predicted_count[i]) if predicted_count[i] else None,
             "recall": float(hits[i] / support[i]) if support[i] else None,

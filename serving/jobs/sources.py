@@ -7,6 +7,7 @@ import argparse
 import csv
 import io
 import sys
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from ..client import ImageLike
+from ..client.messages import IMAGE_SUFFIXES
 from ..idx import IdxError
 from ..idx import read_idx as _read_idx
-from .errors import BatchError
+from .errors import InputError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 LIST_SUFFIXES = {".csv", ".tsv", ".txt", ".lst", ".list"}
 
 
@@ -26,7 +27,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     try:
         return _read_idx(path)
     except IdxError as e:
-        raise BatchError(str(e)) from None
+        raise InputError(str(e)) from None
 
 
 @dataclass
@@ -57,12 +58,12 @@ class Source:
 
 def _array_source(description: str, images: np.ndarray, labels: np.ndarray | None) -> Source:
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3, 4)):
-        raise BatchError(f"{description}: images must be uint8 [N, H, W] or [N, H, W, C], not "
+        raise InputError(f"{description}: images must be uint8 [N, H, W] or [N, H, W, C], not "
                          f"{images.dtype} {list(images.shape)}")
     if labels is not None:
         labels = np.asarray(labels).reshape(-1)
         if len(labels) != len(images):
-            raise BatchError(f"{description}: {len(images)} images but {len(labels)} labels")
+            raise InputError(f"{description}: {len(images)} images but {len(labels)} labels")
         labels = labels.astype(np.int64) if labels.dtype.kind in "iub" else labels.astype(str)
     return Source(description, [str(i) for i in range(len(images))], pixels=images, labels=labels)
 
@@ -72,10 +73,16 @@ def load_idx(images: str | Path, labels: str | Path | None = None) -> Source:
 
 
 def load_npz(path: str | Path) -> Source:
-    with np.load(path, allow_pickle=False) as data:
-        if "images" not in data:
-            raise BatchError(f"{path} holds {', '.join(data.files) or 'nothing'}; expected an array named 'images'")
-        return _array_source(f"npz {path}", data["images"], data["labels"] if "labels" in data else None)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "images" not in data:
+                raise InputError(f"{path} holds {', '.join(data.files) or 'nothing'}; expected an array named "
+                                 f"'images'")
+            return _array_source(f"npz {path}", data["images"], data["labels"] if "labels" in data else None)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        # numpy's words for a file that is not an .npz ("pickled data", "Failed to interpret file") misread
+        # the situation: say what the job expected.
+        raise InputError(f"{path} is not a readable .npz of uint8 images ({type(e).__name__}: {e})") from None
 
 
 def load_folder(root: str | Path) -> Source:
@@ -83,7 +90,7 @@ def load_folder(root: str | Path) -> Source:
     root = Path(root)
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise BatchError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+        raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
     rel = [p.relative_to(root) for p in files]
     has_classes = any(len(r.parts) > 1 for r in rel)
     labels = np.array([r.parts[0] if len(r.parts) > 1 else "" for r in rel]) if has_classes else None
@@ -111,7 +118,7 @@ def load_list(path: str | Path) -> Source:
         files.append(file)
         labels.append(row[1].strip() if len(row) > 1 else "")
     if not ids:
-        raise BatchError(f"{path} lists no images")
+        raise InputError(f"{path} lists no images")
     has_labels = any(labels)
     return Source(f"list {path}", ids, files=files, labels=np.array(labels) if has_labels else None)
 
@@ -125,10 +132,10 @@ def load_parquet(path: str | Path) -> Source:
     table = pq.read_table(path)
     names = set(table.column_names)
     if not names & {"image", "path"}:
-        raise BatchError(f"{path} has columns {sorted(names)}; expected `image` (encoded bytes) or `path`")
+        raise InputError(f"{path} has columns {sorted(names)}; expected `image` (encoded bytes) or `path`")
     ids = [str(i) for i in table.column("id").to_pylist()] if "id" in names else [str(i) for i in range(len(table))]
     if len(set(ids)) != len(ids):
-        raise BatchError(f"{path}: the `id` column repeats values; ids must be unique")
+        raise InputError(f"{path}: the `id` column repeats values; ids must be unique")
     labels = np.array([str(v) for v in table.column("label").to_pylist()]) if "label" in names else None
     if "image" in names:
         return Source(f"parquet {path}", ids, encoded=table.column("image").to_pylist(), labels=labels)
@@ -140,19 +147,19 @@ def load_parquet(path: str | Path) -> Source:
 def open_source(args: argparse.Namespace) -> Source:
     if args.idx_images:
         if args.input:
-            raise BatchError("give either an INPUT or --idx-images, not both")
+            raise InputError("give either an INPUT or --idx-images, not both")
         return load_idx(args.idx_images, args.idx_labels)
     if args.idx_labels:
-        raise BatchError("--idx-labels needs --idx-images")
+        raise InputError("--idx-labels needs --idx-images")
     if not args.input:
-        raise BatchError("nothing to classify: give an INPUT (folder, .npz, .csv/.txt list) or --idx-images")
+        raise InputError("nothing to classify: give an INPUT (folder, .npz, .csv/.txt list) or --idx-images")
     p = Path(args.input)
     if p.suffix.lower() == ".parquet":
         return load_parquet(p)
     if p.is_dir():
         return load_folder(p)
     if not p.exists():
-        raise BatchError(f"{p} does not exist")
+        raise InputError(f"{p} does not exist")
     suffix = p.suffix.lower()
     if suffix == ".npz":
         return load_npz(p)
@@ -161,7 +168,7 @@ def open_source(args: argparse.Namespace) -> Source:
     head = p.open("rb").read(4)
     if head[:2] in (b"\0\0", b"\x1f\x8b"):
         return load_idx(p)  # IDX images alone; labels only come with --idx-labels
-    raise BatchError(f"cannot tell what {p} is: expected a folder, .npz, .csv/.txt list, .parquet or IDX file")
+    raise InputError(f"cannot tell what {p} is: expected a folder, .npz, .csv/.txt list, .parquet or IDX file")
 
 
 def resolve_labels(raw: np.ndarray | None, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -186,7 +193,8 @@ def resolve_labels(raw: np.ndarray | None, classes: list[str]) -> tuple[np.ndarr
     unknown = sorted(v for v, (i, _) in lookup.items() if i < 0 and v)
     if unknown:
         print(f"warning: labels {', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''} are not among the "
-              f"model's classes; those images count as mistakes", file=sys.stderr)
+              f"model's classes; those images count as mistakes (in the accuracy and in the precision of the class "
+              f"they are given)", file=sys.stderr)
     values, inverse = np.unique(raw, return_inverse=True)
     index = np.array([lookup[v][0] for v in values.tolist()], np.int64)[inverse]
     names = np.array([lookup[v][1] for v in values.tolist()])[inverse]

@@ -20,8 +20,8 @@ from ..wire.classifier.v1 import classifier_pb2, classifier_pb2_grpc
 from .access import Access, TlsFiles, TokenCheck, check_exposure, redact_undecodable_metadata
 from .api.classifier import ClassifierService
 from .api.kserve import service as kserve
-from .connections import ConnectionLimits, ConnectionWatch, listen_address
-from .drain import Admission
+from .connections import ConnectionLimits, ConnectionWatch, cut_connections, listen_address
+from .drain import QUIET_LIMIT_S, Admission
 from .handlers import CallGate, WrappingRegistrar
 from .metrics import Metrics
 from .repository import ModelRepository
@@ -58,6 +58,7 @@ class ServerOptions:
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     strict_readiness: bool = True           # ready only when every model to serve has a ready version
     trace: TraceConfig = field(default_factory=TraceConfig)  # OpenTelemetry tracing (off by default)
+    default_model: str = ""                 # the model of a request that names none ("": the only one served)
 
 
 class InferenceServer:
@@ -68,6 +69,7 @@ class InferenceServer:
         self.repository = ModelRepository(options.repository, options.runtime, options.batching,
                                           options.batching_overrides, observer_factory=self.metrics.observer,
                                           tracer=self.tracing)
+        self.repository.default_model = options.default_model
         self.server: grpc.aio.Server | None = None
         self.port = options.port
         self.health = health.aio.HealthServicer()
@@ -103,6 +105,8 @@ class InferenceServer:
         credentials = o.tls.credentials() if o.tls else None
         o.connections.check_file_limit()
         redact_undecodable_metadata()
+        if o.metrics_port:  # before minutes of model loading: a metrics port that cannot bind stops the start
+            await self.metrics.serve(o.metrics_port, o.metrics_host)
         await self.repository.load_all()
         self.server = grpc.aio.server(options=self._grpc_options())
         # Our services' handlers are wrapped once: counted, caller checked and admitted, then the body read.
@@ -123,8 +127,6 @@ class InferenceServer:
             self.port = 0
         if self.port == 0:
             raise OSError(f"cannot listen on {address}: the port is taken or the address is not this machine's")
-        if o.metrics_port:  # before the gRPC port opens: a metrics port that cannot bind stops the start cleanly
-            await self.metrics.serve(o.metrics_port, o.metrics_host)
         await self.server.start()
         self.started = True
         self.connection_watch = ConnectionWatch(o.connections.max_connections)
@@ -164,7 +166,8 @@ class InferenceServer:
             await self.health.set(name, status)
         if state != self._last_readiness:
             if self._last_readiness is not None or not state[0]:
-                (log.info if state[0] else log.warning)("readiness: %s", "ready" if state[0] else f"NOT ready ({state[1]})")
+                quiet = state[0] or self.draining  # not ready because it is draining is no warning
+                (log.info if quiet else log.warning)("readiness: %s", "ready" if state[0] else f"NOT ready ({state[1]})")
             self._last_readiness = state
 
     def _protection(self) -> str:
@@ -176,7 +179,8 @@ class InferenceServer:
         """Take the server out of rotation and finish every call it accepted, as Kubernetes and Triton expect:
         health says NOT_SERVING at once; calls are still taken for `delay_s` (while load balancers learn);
         then new calls get UNAVAILABLE and open streams stop reading, and every call admitted (its requests
-        queued in batchers included) is answered, for up to `timeout_s`. False when some were still running."""
+        queued in batchers included) is answered, for up to `timeout_s`, which also bounds the refusing that
+        follows (`Admission.wait_quiet`). False when some were still running."""
         self.draining = True
         await self.update_health()  # NOT_SERVING for readiness; liveness stays SERVING
         self.repository.stop_polling()  # no version swap while draining
@@ -184,29 +188,38 @@ class InferenceServer:
             log.info("draining: health NOT_SERVING; still accepting calls for %gs", delay_s)
             await asyncio.sleep(delay_s)
         self.admission.close()
+        deadline = time.monotonic() + timeout_s
         log.info("draining: refusing new calls; waiting up to %gs for %d call(s) in flight", timeout_s,
                  self.admission.in_flight)
         finished = await self.admission.wait_idle(timeout_s)
         if not finished:
             log.warning("exit timeout (%gs): %d call(s) still running are cut", timeout_s, self.admission.in_flight)
             return False
-        await self.admission.wait_quiet()
+        await self.admission.wait_quiet(limit_s=max(0.0, min(QUIET_LIMIT_S, deadline - time.monotonic())))
         log.info("drained: every accepted call answered; %d new call(s) refused", self.admission.refused)
         return True
 
     async def stop(self, grace_s: float = 5.0, drain_delay_s: float = 0.0) -> bool:
-        """Drain (see `drain`), close the port, then unload the models. True when no accepted call was cut."""
+        """Drain (see `drain`), close the connections and the port, then unload the models. True when no
+        accepted call was cut."""
         finished = await self.drain(drain_delay_s, grace_s)
         await self.close(grace_s=1.0 if finished else 0.0)
         return finished
 
     async def close(self, grace_s: float = 0.0) -> None:
-        """Close the port (calls still running after `grace_s` are cancelled) and unload the models."""
+        """Close the client connections and the port, then unload the models. Calls still running after
+        `grace_s` are cancelled; with none running (the drain is over), or no grace, the port and the
+        connections are closed first (connections.py), so that what is still on its way ends UNAVAILABLE
+        rather than CANCELLED."""
         self.draining = True
         self.admission.close()
         if self.connection_watch:
             self.connection_watch.stop()
         if self.server:
+            if self.started and (not self.admission.in_flight or grace_s <= 0):
+                await self.admission.wait_refused_streams_ended()
+                cut = cut_connections(self.port)  # no await in between: no stream is refused meanwhile
+                log.info("closed the port and %d client connection(s)", cut)
             await self.server.stop(grace_s)
         await self.metrics.close()
         await self.repository.close(drain=grace_s > 0)

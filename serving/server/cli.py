@@ -8,12 +8,16 @@ import asyncio
 import os
 import sys
 
+from ..cli_support import DefaultsHelpFormatter
+
 SERVER_EXTRA_HINT = "the server is not installed: pip install 'cnn-serving[server]'"
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-repository", default="", help="repository directory "
                    "(default: the bundled one, in a checkout)")
+    p.add_argument("--default-model", default="", help="the model a request that names none gets (default: "
+                   "the only one in the repository; with several, such a request is refused)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all: needs tokens, "
                    "client certificates or --allow-unauthenticated)")
     p.add_argument("--port", type=int, default=8001, help="gRPC port (0 = any free port)")
@@ -26,7 +30,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    "--no-strict-readiness: ready once started, whatever the models")
     p.add_argument("--poll-interval", type=float, default=0.0, help="seconds between repository scans "
                    "that load new versions without restart (0 = off)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="execution provider: auto "
+                   "picks CUDA where usable, else the CPU; cuda refuses to start without a usable GPU")
     p.add_argument("--tensorrt", action="store_true", help="try the TensorRT provider first")
     p.add_argument("--trt-cache-dir", default="", help="TensorRT engine cache directory")
     p.add_argument("--cuda-graphs", action="store_true", help="CUDA provider: capture one CUDA graph per batch-size "
@@ -100,7 +105,8 @@ def _server_options(args: argparse.Namespace):
                                    "inline_budget_us": args.inline_budget_us}.items()
                  if v is not None}
     return ServerOptions(
-        repository=args.model_repository or str(BUNDLED_REPOSITORY), host=args.host, port=args.port,
+        repository=args.model_repository or str(BUNDLED_REPOSITORY), default_model=args.default_model, host=args.host,
+        port=args.port,
         metrics_port=args.metrics_port, metrics_host=args.metrics_host, strict_readiness=args.strict_readiness,
         poll_interval_s=args.poll_interval, max_message_bytes=args.max_message_mb * 1024 * 1024,
         runtime=RuntimeOptions(device=args.device, tensorrt=args.tensorrt, trt_cache_dir=args.trt_cache_dir,
@@ -121,6 +127,8 @@ def _server_options(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.environment_errors:  # a CNN_SERVING_* variable that does not parse: refused as a bad flag would be
+        args.serve_parser.error("; ".join(args.environment_errors))
     from .logs import CONTROL
     CONTROL.configure(args.log_level, args.log_format)
     try:
@@ -152,7 +160,10 @@ def serve_flags(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 
 def apply_environment(parser: argparse.ArgumentParser, environ: dict[str, str]) -> None:
     """Every serve flag may come from its CNN_SERVING_* variable (containers and Kubernetes set those);
-    a flag on the command line still wins. A value that does not parse is refused with the variable named."""
+    a flag on the command line still wins. A value that does not parse is refused with the variable named, when
+    `serve` runs: the variables are the server's, and a client command run in the same environment ignores them."""
+    errors: list[str] = []
+    parser.set_defaults(environment_errors=errors, serve_parser=parser)
     for action in serve_flags(parser):
         name = environment_variable(action)
         if name not in environ:
@@ -162,20 +173,24 @@ def apply_environment(parser: argparse.ArgumentParser, environ: dict[str, str]) 
             value = raw.split()
         elif isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
             if raw.lower() not in _TRUE | _FALSE:
-                parser.error(f"{name}={raw!r}: use 1/true/yes or 0/false/no")
+                errors.append(f"{name}={raw!r}: use 1/true/yes or 0/false/no")
+                continue
             value = raw.lower() in _TRUE
         else:
             try:
                 value = action.type(raw) if action.type else raw
             except ValueError:
-                parser.error(f"{name}={raw!r} is not a valid {action.type.__name__}")
+                errors.append(f"{name}={raw!r} is not a valid {action.type.__name__}")
+                continue
             if action.choices and value not in action.choices:
-                parser.error(f"{name}={raw!r}: choose one of {', '.join(map(str, action.choices))}")
+                errors.append(f"{name}={raw!r}: choose one of {', '.join(map(str, action.choices))}")
+                continue
         parser.set_defaults(**{action.dest: value})
 
 
 def add_subcommands(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve a model repository over gRPC (needs the [server] extra)",
+                              formatter_class=DefaultsHelpFormatter,
                               epilog=f"Every flag can be set by its {ENV_PREFIX}* variable: --exit-timeout by "
                               f"{ENV_PREFIX}EXIT_TIMEOUT, --allow-unauthenticated by {ENV_PREFIX}ALLOW_UNAUTHENTICATED=1.")
     _serve_args(p)

@@ -5,7 +5,9 @@ method at registration, in this order:
    with tracing on, gets its server span (the caller's traceparent continued; errors set its status);
 2. the caller is checked (token, client certificate) and admitted (refused while the server drains), and
    every refusal gets an audit line;
-3. only then is the request body read and parsed.
+3. only then is the request body read and parsed;
+4. any error the method raises becomes its status (api/status.py): a ServingError its own code, anything
+   else INTERNAL with the traceback logged, never grpc's UNKNOWN with the exception's text.
 
 Step 3 is why a unary method is registered as a client-streaming one: grpc.aio reads, decompresses and parses
 a unary request's whole message before the handler runs, so a caller with no token could make the server
@@ -49,6 +51,12 @@ OPEN_METHODS = frozenset({KSERVE + "ServerLive", KSERVE + "ServerReady", KSERVE 
 # reports INTERNAL ("Internal error from Core") in place of it about one time in three (its write fails
 # after the status came); the pause lets a client's window of writes land first (200 in 200 then).
 STREAM_END_PAUSE_S = 0.05
+# A refused stream has run nothing, so its requests are read (and dropped) until its client half-closes or
+# has sent nothing for STREAM_REFUSAL_GAP_S (it waits for answers), for at most STREAM_REFUSAL_READ_S: on a
+# loaded machine a client's writes can take longer than the pause above, and the status then comes once they
+# have landed (with the 50 ms pause alone, refused grpc.aio streams still saw INTERNAL now and then here).
+STREAM_REFUSAL_GAP_S = 0.25
+STREAM_REFUSAL_READ_S = 1.0
 
 
 def required_role(method: str) -> Role | None:
@@ -104,13 +112,7 @@ class CallGate:
         tracing = self.tracing
 
         async def unary(requests: AsyncIterator[bytes], context):
-            gauge.inc()
-            code = "OK"
-            span = None
-            if tracing.on:  # the one cost of tracing when off: this read
-                span = tracing.start_call(span_name, context.invocation_metadata())
-                token = call_span.set(span)
-            try:
+            with _Counted(gauge, calls, name, context, tracing, span_name):
                 try:
                     admit(context, needed, name)
                 except ServingError as e:
@@ -122,19 +124,14 @@ class CallGate:
                         raise InvalidInput("the call carried no request message") from None
                     except ServingError as e:
                         await context.abort(*status_of(e))
-                    return await inner(request, context)
+                    try:
+                        return await inner(request, context)
+                    except grpc.aio.AbortError:
+                        raise  # the servicer chose the status
+                    except Exception as e:  # noqa: BLE001 - every error of every RPC becomes a mapped status
+                        await context.abort(*status_of(e))
                 finally:
                     admission.leave()
-            except BaseException:
-                code = context.code().name if context.code() else "CANCELLED"
-                raise
-            finally:
-                gauge.dec()
-                calls.labels(name, code).inc()
-                if span is not None:
-                    with contextlib.suppress(ValueError):  # a stream may end in another context than it began
-                        call_span.reset(token)
-                    tracing.end_call(span, code, context.details() if code != "OK" else "")
 
         return grpc.stream_unary_rpc_method_handler(unary, response_serializer=handler.response_serializer)
 
@@ -152,44 +149,79 @@ class CallGate:
                 yield parse(deserialize, raw)
 
         async def stream(requests: AsyncIterator[bytes], context):
-            gauge.inc()
-            code = "OK"
-            span = None
-            if tracing.on:  # the one cost of tracing when off: this read
-                span = tracing.start_call(span_name, context.invocation_metadata())
-                token = call_span.set(span)
-            try:
+            with _Counted(gauge, calls, name, context, tracing, span_name):
                 try:
                     admit(context, needed, name)
-                except ServingError as e:
+                except ShuttingDown as e:
+                    admission.refusing_streams += 1
+                    try:
+                        await _refuse_stream(context, requests, e)
+                    finally:
+                        admission.refusing_streams -= 1
+                except ServingError as e:  # a bad token: nothing of such a client is read
                     await _end_stream(context, e)
                 try:
                     reads = admission.stream_reads(requests)
                     try:
                         async for response in inner(parsed(reads), context):
                             yield response
-                    except ServingError as e:  # a malformed message: those before it were answered
+                    except grpc.aio.AbortError:
+                        raise
+                    except Exception as e:  # noqa: BLE001 - a malformed message (those before it were answered), or a bug
                         await _end_stream(context, e)
                     if reads.cut:
                         await _end_stream(context, ShuttingDown(STREAM_CUT))
                 finally:
                     admission.leave()
-            except BaseException:
-                code = context.code().name if context.code() else "CANCELLED"
-                raise
-            finally:
-                gauge.dec()
-                calls.labels(name, code).inc()
-                if span is not None:
-                    with contextlib.suppress(ValueError):  # a stream may end in another context than it began
-                        call_span.reset(token)
-                    tracing.end_call(span, code, context.details() if code != "OK" else "")
 
         return grpc.stream_stream_rpc_method_handler(stream, response_serializer=handler.response_serializer)
 
 
-async def _end_stream(context, error: ServingError) -> None:
+class _Counted:
+    """One call in the Prometheus counts: in flight while it runs, then by method and final status code (the
+    code an abort set, or CANCELLED for a call its client left). With tracing on, the call's server span too,
+    current while the call runs (for the model's attributes, the batcher and log lines) and ended with the
+    same code; when tracing is off this costs one attribute read."""
+
+    __slots__ = ("gauge", "calls", "name", "context", "tracing", "span_name", "span", "token")
+
+    def __init__(self, gauge, calls, name: str, context, tracing: Tracing, span_name: str):
+        self.gauge, self.calls, self.name, self.context = gauge, calls, name, context
+        self.tracing, self.span_name, self.span = tracing, span_name, None
+
+    def __enter__(self) -> None:
+        self.gauge.inc()
+        if self.tracing.on:
+            self.span = self.tracing.start_call(self.span_name, self.context.invocation_metadata())
+            self.token = call_span.set(self.span)
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        code = "OK" if kind is None else (self.context.code().name if self.context.code() else "CANCELLED")
+        self.gauge.dec()
+        self.calls.labels(self.name, code).inc()
+        if self.span is not None:
+            with contextlib.suppress(ValueError):  # a stream may end in another context than it began
+                call_span.reset(self.token)
+            self.tracing.end_call(self.span, code, self.context.details() if code != "OK" else "")
+        return False
+
+
+async def _end_stream(context, error: Exception) -> None:
     await asyncio.sleep(STREAM_END_PAUSE_S)
+    await context.abort(*status_of(error))
+
+
+async def _refuse_stream(context, requests, error: ServingError) -> None:
+    """End a stream refused while draining, once its client has stopped writing (see STREAM_REFUSAL_READ_S)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + STREAM_REFUSAL_READ_S
+    pending = aiter(requests)
+    try:
+        while (left := end - loop.time()) > 0:
+            async with asyncio.timeout(min(STREAM_REFUSAL_GAP_S, left)):
+                await anext(pending)
+    except (TimeoutError, StopAsyncIteration):
+        pass
     await context.abort(*status_of(error))
 
 

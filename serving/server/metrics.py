@@ -104,7 +104,9 @@ class Metrics:
         self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_TIMEOUT_S,
                                      handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host.strip("[]"), port)
+        host = host.strip("[]")
+        # "::" means every address, IPv4 included, as it does for gRPC; asyncio would bind it IPv6-only.
+        site = web.TCPSite(self._runner, None if host == "::" else host, port)
         try:
             await site.start()
         except OSError:

@@ -6,10 +6,11 @@ resizes and scales. Runs in the batch worker thread (on the event loop only for 
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..repository_format import Preprocessing
 from .errors import InvalidInput, shown
@@ -40,6 +41,10 @@ def decode_image(data: bytes) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
+        # A phone photo is stored sideways with an EXIF orientation tag: turn it upright before anything else,
+        # as viewers do (in place: nothing is copied for the images that have no such tag).
+        with contextlib.suppress(Exception):  # a malformed EXIF block leaves the image as stored, never INTERNAL
+            ImageOps.exif_transpose(img, in_place=True)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as e:
         head = data[:8].hex()
         # Pillow's text for an unknown format names its in-memory buffer object: say what it means instead.

@@ -71,6 +71,7 @@ class ModelRepository:
         self._names: list[str] = []  # the model directories as last scanned (at load, unload and each poll)
         # Called (awaited) after every load, unload and poll: the server brings its health in line.
         self.on_change: Callable[[], Awaitable[None]] | None = None
+        self.default_model = ""  # the model of a request that names none ("": the only one, if only one)
 
     # -- queries ---------------------------------------------------------------------------------------
     def model_names(self) -> list[str]:
@@ -121,10 +122,13 @@ class ModelRepository:
     def resolve(self, name: str, version: int) -> ModelVersion:
         """A request's model: the named one (or the only one when none is named) at the version asked
         (0: the newest ready)."""
+        if not name and self.default_model:  # `serve --default-model`: the one a request without a name gets
+            name = self.default_model
         if not name:
             names = self._names
             if len(names) != 1:
-                raise InvalidInput(f"request names no model; choose one of: {', '.join(names)}")
+                raise InvalidInput(f"request names no model; choose one of: {', '.join(names)} (or start the "
+                                   f"server with --default-model)")
             name = names[0]
         if version < 0:
             raise InvalidInput(f"version {version} is negative; use 0 for the latest")

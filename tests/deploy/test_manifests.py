@@ -110,6 +110,7 @@ def validate_kserve(name: str, model: str) -> None:
 
 
 @pytest.mark.parametrize("name, model", [("servingruntime.yaml", "V1alpha1ServingRuntime"),
+                                         ("servingruntime-gpu.yaml", "V1alpha1ServingRuntime"),
                                          ("inferenceservice.yaml", "V1beta1InferenceService")])
 def test_kserve_resources_match_kserves_own_models(name, model):
     if importlib.util.find_spec("kserve") is None:  # not imported here: see below

@@ -103,7 +103,7 @@ def test_discovery(client):
     assert info.labels == LABELS and info.input_shape == (1, 28, 28)
     assert info.execution_provider == "CPUExecutionProvider"
     assert info.supports_cam and info.architecture == "small_fmnist" and info.parameters == 93546
-    assert info.metrics["test_acc"] == "0.5"
+    assert info.metrics["test_acc"] == 0.5  # a number, typed as one
     assert info.versions == [(1, "READY", "")]
 
 
@@ -175,7 +175,7 @@ def test_async_client_and_stream(server, images):
     preds, answers = asyncio.run(run())
     assert len(preds[0]) == 2
     assert [a.request_id for a in answers] == [f"r{i}" for i in range(5)]
-    assert [len(a.response.results) for a in answers] == [1, 2, 3, 4, 5]
+    assert [len(a.predictions) for a in answers] == [1, 2, 3, 4, 5]
 
 
 def test_stream_reports_item_errors_and_goes_on(client, images):
@@ -183,4 +183,4 @@ def test_stream_reports_item_errors_and_goes_on(client, images):
     answers = list(client.classify_stream(batches))
     assert [a.request_id for a in answers] == ["ok1", "bad", "ok2"]
     assert answers[1].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-    assert len(answers[2].response.results) == 1
+    assert len(answers[2].predictions) == 1 and answers[2].ok and answers[1].error.code() == grpc.StatusCode.INVALID_ARGUMENT

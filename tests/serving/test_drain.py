@@ -142,6 +142,46 @@ def _request():
     return messages.classify_request([IMAGE], "", 0, 1)
 
 
+def test_the_client_retries_refusals_through_grpc_then_tries_the_next_target(small_repo):
+    async def stop_accepting(server):
+        server.admission.close()  # what the drain does after its delay: every call is refused
+
+    with running_server(small_repo) as draining, running_server(small_repo) as serving:
+        draining.call(stop_accepting(draining.server))
+        with ClassifierClient([draining.address, serving.address], retries=3, backoff_s=0.01) as client:
+            answers = [client.classify([IMAGE]) for _ in range(6)]
+        assert all(len(a) == 1 for a in answers)
+        # Calls 0, 2 and 4 start at the refusing target: gRPC's retry policy sends each there 4 times (the
+        # first try and 3 retries), then the client tries the next target.
+        assert draining.server.admission.refused == 3 * 4
+        with ClassifierClient(draining.address, retries=0) as client, pytest.raises(grpc.RpcError) as refused:
+            client.classify([IMAGE])
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # retries=0: no policy, one try
+        assert draining.server.admission.refused == 3 * 4 + 1
+
+
+def test_tritonclient_given_the_service_config_retries_refusals(small_repo):
+    """The README's advice to tritonclient users, as they would follow it: the retry policy's service config
+    among the client's channel_args makes gRPC retry a refused ModelInfer."""
+    from serving.client import service_config_option
+
+    async def stop_accepting(server):
+        server.admission.close()
+
+    with running_server(small_repo) as server:
+        server.call(stop_accepting(server.server))
+        client = tg.InferenceServerClient(server.address, channel_args=[service_config_option()])
+        x = tg.InferInput("input", [1, 1, 28, 28], "UINT8")
+        x.set_data_from_numpy(np.zeros((1, 1, 28, 28), np.uint8))
+        try:
+            with pytest.raises(InferenceServerException) as refused:
+                client.infer("fmnist", [x], client_timeout=30)
+        finally:
+            client.close()
+        assert "UNAVAILABLE" in str(refused.value.status())
+        assert server.server.admission.refused == 4  # the first try and the policy's 3 retries, all refused
+
+
 def test_exit_timeout_cuts_what_is_still_running(small_repo):
     with running_server(small_repo, batching_overrides={"inline_budget_us": 0}) as server:
         slow_model(server, 1.5)
@@ -357,6 +397,63 @@ def test_sigterm_under_load_loses_nothing(small_repo):
     first_not_serving = statuses.index("NOT_SERVING")
     assert all(s == "SERVING" for s in statuses[:first_not_serving])
     assert all(s == "NOT_SERVING" for s in statuses[first_not_serving:-1])
+
+
+def test_sigterm_under_tritonclient_aio_load_gives_only_ok_or_unavailable(small_repo):
+    """32 tritonclient.grpc.aio callers without retries, each sending its next ModelInfer the moment the last
+    one ends (refused or not), SIGTERM after 2 s. Calls keep arriving up to the last millisecond, so some are
+    on their way when the server ends: they must end UNAVAILABLE (refused, the connection closed under them,
+    or no server to connect to), never CANCELLED, INTERNAL or UNKNOWN, which no client retries."""
+    import tritonclient.grpc.aio as triton_aio
+
+    server = ServerProcess(small_repo, "--max-queue-delay-us", "2000")
+    codes: Counter = Counter()
+    unavailable: Counter = Counter()
+
+    async def caller(stop: asyncio.Event) -> None:
+        client = triton_aio.InferenceServerClient(server.address)
+        x = tg.InferInput("input", [2, 1, 28, 28], "UINT8")
+        x.set_data_from_numpy(np.zeros((2, 1, 28, 28), np.uint8))
+        try:
+            while not stop.is_set():
+                try:
+                    await client.infer("fmnist", [x], client_timeout=30)
+                    codes["OK"] += 1
+                except InferenceServerException as e:
+                    code = str(e.status()).removeprefix("StatusCode.")
+                    codes[code] += 1
+                    if code == "UNAVAILABLE":
+                        unavailable["refused" if "shutting down" in e.message() else
+                                    "cut" if "Socket closed" in e.message() else "no server"] += 1
+                    if server.proc.poll() is not None:
+                        await asyncio.sleep(0.01)  # nothing to connect to: no need to spin
+        finally:
+            await client.close()
+
+    async def main() -> float:
+        stop = asyncio.Event()
+        callers = [asyncio.create_task(caller(stop)) for _ in range(32)]
+        await asyncio.sleep(2)
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        while server.proc.poll() is None and time.monotonic() - signalled < 30:
+            await asyncio.sleep(0.01)
+        exit_s = time.monotonic() - signalled
+        await asyncio.sleep(0.3)  # callers meet the closed port too
+        stop.set()
+        await asyncio.gather(*callers)
+        return exit_s
+
+    try:
+        exit_s = asyncio.run(main())
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+    print(f"\ncalls by status: {dict(codes)}; UNAVAILABLE: {dict(unavailable)}; exit {exit_s:.2f} s after SIGTERM")
+    assert server.proc.returncode == 0, server.log()
+    assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
+    assert codes["OK"] > 100 and unavailable["refused"] > 0
+    assert exit_s < 5  # the quiet wait is bounded (2 s) however fast callers come back
 
 
 def test_a_second_signal_exits_at_once(small_repo):

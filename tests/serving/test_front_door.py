@@ -377,6 +377,13 @@ def test_ipv6_loopback_serves_grpc_and_metrics(small_repo):
         with ClassifierClient(f"[::1]:{server.port}", retries=0) as client:
             assert client.classify([IMAGE])
         assert get(f"http://[::1]:{port}/metrics")[0] == 200
+    port = free_port()  # "[::]" and "::": every address, IPv4 included (only loopback is called here)
+    with running_server(small_repo, host="[::]", metrics_port=port, metrics_host="::",
+                        allow_unauthenticated=True) as server:
+        for host in ("127.0.0.1", "[::1]"):
+            with ClassifierClient(f"{host}:{server.port}", retries=0) as client:
+                assert client.classify([IMAGE])
+            assert get(f"http://{host}:{port}/metrics")[0] == 200
 
 
 def test_refused_calls_are_audited_at_a_bounded_rate_and_streams_are_counted(small_repo, caplog):
@@ -419,3 +426,19 @@ def _listening_sockets() -> list[tuple[str, int]]:
             out.append((host, int(port_hex, 16)))
     return out
 
+
+
+def test_a_bug_in_any_rpc_is_internal_with_no_internals_and_its_traceback_logged(small_repo, monkeypatch, caplog):
+    """ServerMetadata maps no errors of its own: the gate gives every RPC the same mapping."""
+    from serving.server.api.kserve import service
+
+    def broken() -> str:
+        raise RuntimeError("/secret/path/in/the/message")
+
+    monkeypatch.setattr(service, "_server_version", broken)
+    with running_server(small_repo) as server:
+        stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.address))
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INTERNAL and "/secret" not in e.value.details()
+    assert any(r.exc_info and "/secret/path" in str(r.exc_info[1]) for r in caplog.records)

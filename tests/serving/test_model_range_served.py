@@ -18,7 +18,7 @@ NO_CAM = {"mlp": "hidden layers are nonlinear", "lenet5": "use head='gap'"}
 @pytest.fixture(scope="module")
 def range_server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("range")
-    training_main(["export", "--all", "--models", ",".join(MODELS), "--repository", str(repo), "--max-batch-size", "8"])
+    training_main(["export", "--all", "--models", ",".join(MODELS), "--model-repository", str(repo), "--max-batch-size", "8"])
     with running_server(repo) as server:
         yield server
 

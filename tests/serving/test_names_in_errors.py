@@ -85,4 +85,4 @@ def test_a_short_name_is_echoed_whole_and_escaped(stubs):
     assert err.value.details().startswith("model 'no\\nsuch' is not in the repository (models: fmnist)")
     with pytest.raises(grpc.RpcError) as err:
         kserve.ModelInfer(_infer(version="latest"))
-    assert err.value.details() == "model version 'latest' is not a non-negative integer"
+    assert err.value.details() == "model version 'latest' is not a non-negative integer of at most 18 digits"

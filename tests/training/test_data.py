@@ -62,6 +62,8 @@ def test_malformed_idx(raw, message):
 def test_search_order_explicit_then_env(idx_dir, tmp_path_factory, monkeypatch):
     directory, _, _ = idx_dir
     other = tmp_path_factory.mktemp("empty")
+    # Debian's directory is the last place searched: a machine with the package installed must not answer here.
+    monkeypatch.setitem(data.DEFAULT_DIRS, "fashion-mnist", ("FASHION_MNIST_DIR", str(other)))
     monkeypatch.setenv("FASHION_MNIST_DIR", str(directory))
     assert data.find_idx_dir("fashion-mnist", None) == directory
     with pytest.raises(data.DatasetError, match="not found"):

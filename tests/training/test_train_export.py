@@ -105,13 +105,16 @@ def test_reduced_precision_versions(tmp_path, monkeypatch):
     images = rng.random((64, 1, 28, 28), dtype=np.float32)
     sess = ort.InferenceSession(str(v1 / "model.onnx"), providers=["CPUExecutionProvider"])
     labels = sess.run(["logits"], {"input": images})[0].argmax(1)  # fp32 predictions as the reference labels
-    monkeypatch.setattr(quantize, "_test_data", lambda data_dir, shape: (images, labels))
+    monkeypatch.setattr(quantize, "load_test_data", lambda data_dir, shape: (images, labels))
     written = quantize.export_reduced_precision(v1, fp16=True, quantize="dynamic")
     assert [p.name for p in written] == ["2", "3"]
     for path, precision in zip(written, ("fp16", "int8-dynamic")):
         meta = json.loads((path / "metadata.json").read_text())
         assert meta["precision"] == precision and meta["derived_from_version"] == 1
         assert meta["metrics"]["test_acc"] >= 0.8  # agreement with fp32 predictions
+        # The change is measured on this version's own file against the FP32 one, on data that is named.
+        assert meta["fp32_test_acc"] == 1.0 and meta["measured_on"].endswith("64 images")
+        assert meta["accuracy_change_vs_fp32"] == meta["metrics"]["test_acc"] - 1.0
         got = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"]).run(
             ["logits"], {"input": images})[0]
         assert got.dtype == np.float32 and got.shape == (64, 10)
