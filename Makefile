@@ -43,7 +43,7 @@ lint: setup                       ## ruff and the import contracts (.importlinte
 proto: setup                      ## regenerate serving/wire from proto/
 	$(PY) proto/generate.py
 
-train-default: setup              ## reproduce the bundled model (about 60 minutes on 2 shared CPU cores, see README)
+train-default: setup              ## reproduce the bundled model (about 60 minutes on 2 shared CPU cores, see docs/training.md)
 	$(PY) -m training train --config configs/small_fmnist.yaml
 	$(PY) -m training export runs/small_fmnist/checkpoint.pt --model-repository $(REPO) --name fashion_mnist
 
@@ -53,7 +53,7 @@ bench: setup                      ## the serving benchmark table (CPU here, GPU 
 gpu-check: setup                  ## the short GPU check (see bench/gpu_check.sh)
 	PYTHON=$(PY) bash bench/gpu_check.sh run
 
-# Not part of `make test`: see README, Deploy (it needs root and several minutes of its own).
+# Not part of `make test`: see docs/deploy.md (it needs root and several minutes of its own).
 containers: setup                 ## build the images with podman and run them: serving container, compose topology
 	PYTHON=$(PY) bash scripts/containers/run.sh
 

@@ -1,4 +1,4 @@
-"""The CNN range table for the README: parameters, FLOPs, ONNX size and parity error of every registered
+"""The CNN range table of docs/training.md: parameters, FLOPs, ONNX size and parity error of every registered
 model at 28x28x1 (10 classes), Fashion-MNIST test accuracy where a run exists in runs/<model>/, and the
 published parameter counts in the classic configurations.
 

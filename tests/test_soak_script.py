@@ -1,5 +1,5 @@
 """The soak script at toy size: it starts the server, sends every kind of call, stops it with SIGTERM and
-finds nothing lost (the long run's figures are in the README)."""
+finds nothing lost (the long run's figures are in docs/reliability.md)."""
 
 import re
 import subprocess

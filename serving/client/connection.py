@@ -80,7 +80,7 @@ def call_metadata(token: str | None) -> Metadata | None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The connection flags of every client command."""
-    g = p.add_argument_group("connection (see README, Security)")
+    g = p.add_argument_group("connection (see docs/security.md)")
     g.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's root certificates "
                    "(implied by --tls-ca, --tls-cert and --tls-key)")
     g.add_argument("--tls-ca", default="", help="CA certificate (PEM) that signed the server's certificate")

@@ -9,7 +9,7 @@ Streams are retried by gRPC only until their first answer; a batch job reopens a
 itself, waiting `RetryPolicy.delay` as gRPC would.
 
 tritonclient users get the same behaviour by passing `service_config_option(...)` (or its JSON, shown in the
-README's Reliability section) among the `channel_args` of `tritonclient.grpc.InferenceServerClient`.
+docs/reliability.md) among the `channel_args` of `tritonclient.grpc.InferenceServerClient`.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message accepted")
     p.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                    help="uvloop where installed (auto): about 0.07 ms less CPU per request than asyncio's loop")
-    obs = p.add_argument_group("observability (see README, Observability)")
+    obs = p.add_argument_group("observability (see docs/observability.md)")
     obs.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                      help="the least severe lines logged: DEBUG adds per-session and per-scan detail, WARNING keeps "
                      "only what needs attention (default %(default)s; LogSettings changes it at run time)")
@@ -59,7 +59,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     obs.add_argument("--trace-config", action="append", default=[], metavar="KEY=VALUE",
                      help="Triton-like tracing settings, repeatable: level=OFF|TIMESTAMPS (TIMESTAMPS turns tracing "
                      "on, as --trace), rate=N (one request in N), mode=opentelemetry, opentelemetry,url=HOST:PORT")
-    access = p.add_argument_group("access (see README, Security)")
+    access = p.add_argument_group("access (see docs/security.md)")
     access.add_argument("--tls-cert", default="", help="server certificate chain (PEM): turns on TLS")
     access.add_argument("--tls-key", default="", help="the certificate's private key (PEM)")
     access.add_argument("--tls-client-ca", default="", help="CA (PEM) that must have signed every client's "
@@ -73,7 +73,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                         "it or an admin token, management is refused to every caller")
     access.add_argument("--allow-unauthenticated", action="store_true", help="listen on a non-loopback --host "
                         "with neither tokens nor client certificates")
-    life = p.add_argument_group("shutdown and connections (see README, Reliability)")
+    life = p.add_argument_group("shutdown and connections (see docs/reliability.md, docs/security.md)")
     life.add_argument("--drain-delay", type=float, default=0.0, help="seconds after SIGTERM during which health "
                       "says NOT_SERVING but calls are still accepted (endpoint propagation)")
     life.add_argument("--exit-timeout", type=float, default=30.0, help="then the longest wait, in seconds, for "

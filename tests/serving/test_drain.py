@@ -161,7 +161,7 @@ def test_the_client_retries_refusals_through_grpc_then_tries_the_next_target(sma
 
 
 def test_tritonclient_given_the_service_config_retries_refusals(small_repo):
-    """The README's advice to tritonclient users, as they would follow it: the retry policy's service config
+    """The advice to tritonclient users in docs/reliability.md, as they would follow it: the retry policy's service config
     among the client's channel_args makes gRPC retry a refused ModelInfer."""
     from serving.client import service_config_option
 
