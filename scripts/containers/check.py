@@ -371,7 +371,7 @@ def check_compose(args) -> None:
 def _try(f):
     try:
         return f()
-    except Exception:  # not up yet: the caller polls
+    except Exception:  # noqa: BLE001 - not up yet: the caller polls
         return None
 
 

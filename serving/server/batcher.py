@@ -386,7 +386,7 @@ class DynamicBatcher:
                     results = await loop.run_in_executor(self._executor, self._execute, payloads, index)
                 if len(results) != len(batch):
                     raise RuntimeError(f"execute returned {len(results)} results for {len(batch)} requests")
-            except Exception as e:  # the whole batch failed: every caller hears why
+            except Exception as e:  # noqa: BLE001 - the whole batch failed: every caller hears why
                 results = [e] * len(batch)
                 batch_error = e
             finally:
