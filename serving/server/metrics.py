@@ -96,7 +96,6 @@ class Metrics:
         """The batch observer for the batcher of one model version."""
         return VersionMetrics(self, model, str(version))
 
-
     async def serve(self, port: int, host: str = "127.0.0.1") -> None:
         """Serve /metrics on host:port (IPv6 addresses too); OSError if it cannot bind."""
         app = web.Application()

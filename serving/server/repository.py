@@ -79,10 +79,6 @@ class ModelRepository:
         self._names = sorted(p.name for p in self.root.iterdir() if p.is_dir() and (p / CONFIG_FILE).exists())
         return self._names
 
-    def known_models(self) -> list[str]:
-        """The model directories as last scanned: what a request is routed by, without touching the disk."""
-        return self._names
-
     def readiness(self) -> tuple[bool, str]:
         """Strict readiness: True when every model the server is meant to serve (each model directory, less
         those unloaded on request) has a ready version, and there is at least one; else False and why."""
