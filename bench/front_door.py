@@ -19,7 +19,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -31,20 +30,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.serving_bench import start_process, stop_process  # noqa: E402
 from serving.client import ClassifierClient  # noqa: E402
 
 IMAGE = np.zeros((28, 28), np.uint8)
 INFER = b"/inference.GRPCInferenceService/ModelInfer"
-
-
-def start(tree: Path, flags: list[str]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "serving", "serve", "--port", "0", *flags], cwd=tree,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if line.startswith("SERVING"):
-            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
-            return proc, line.split()[1]
-    raise RuntimeError("the server did not start")
 
 
 def h2_connection(port: int) -> tuple[socket.socket, h2.connection.H2Connection]:
@@ -143,7 +133,7 @@ def main() -> None:
     p.add_argument("--idle", type=int, default=6000)
     p.add_argument("--seconds", type=float, default=3.0)
     args, flags = p.parse_known_args()
-    proc, address = start(args.tree, flags)
+    proc, address = start_process(["-m", "serving", "serve", "--port", "0", *flags], cwd=args.tree)
     try:
         print(f"server from {args.tree}, {' '.join(flags) or 'default flags'}")
         quiet = classify_loop(address, args.seconds)
@@ -159,8 +149,7 @@ def main() -> None:
         print("|---|" + "---|" * len(idle))
         print(f"| {args.idle:,} | " + " | ".join(str(v) for v in idle.values()) + " |")
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_process(proc)
 
 
 if __name__ == "__main__":

@@ -109,9 +109,11 @@ def bench_in_process(path: Path, shape: tuple[int, ...], batches: list[int], sec
 
 
 def start_process(args: list[str], timeout_s: float = 180, python: str = sys.executable,
-                  env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([python, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-                            cwd=ROOT)
+                  env: dict | None = None, cwd: Path = ROOT, stdin=None) -> tuple[subprocess.Popen, str]:
+    """Start a process that prints `SERVING host:port` when it serves (the server, the echo server, a bench's
+    receiver), from `cwd` (another checkout, to compare with); (process, address)."""
+    proc = subprocess.Popen([python, *args], stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env=env, cwd=cwd)
     end = time.time() + timeout_s
     while time.time() < end:
         line = proc.stdout.readline()

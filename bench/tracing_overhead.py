@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.serving_bench import _request, drive, prepare_repository, stop_process  # noqa: E402
+from bench.serving_bench import _request, drive, prepare_repository, start_process, stop_process  # noqa: E402
 
 RECEIVER_FLAG = "--run-receiver"
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
@@ -118,20 +118,6 @@ def per_call_costs(calls: int = 20_000, batch: int = 8) -> list[tuple[str, float
     return rows
 
 
-def start(args: list[str], cwd: Path, env: dict) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, cwd=cwd, env=env)
-    end = time.time() + 180
-    while time.time() < end:
-        line = proc.stdout.readline()
-        if line.startswith("SERVING"):
-            return proc, line.split()[1]
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError(f"{' '.join(args)} did not start")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python bench/tracing_overhead.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
     costs = per_call_costs()
     repo = prepare_repository(["small"], Path(args.work_dir or Path(tempfile.gettempdir()) / "cnn-serving-bench"), 256)
-    receiver, receiver_addr = start([str(Path(__file__).resolve()), RECEIVER_FLAG], ROOT, dict(os.environ))
+    receiver, receiver_addr = start_process([str(Path(__file__).resolve()), RECEIVER_FLAG], env=dict(os.environ),
+                                               stdin=subprocess.PIPE)
     serve = ["-m", "serving", "serve", "--model-repository", str(repo), "--port", "0", "--device", "cpu",
              "--log-level", "WARNING", "--max-batch-size", "256"]
     env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{receiver_addr}", "OTEL_SERVICE_NAME": "bench"}
@@ -165,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     servers = {}
     try:
         for mode, (cwd, command, extra) in modes.items():
-            servers[mode] = start(command, cwd, {**env, "PYTHONPATH": str(cwd), **extra})
+            servers[mode] = start_process(command, env={**env, "PYTHONPATH": str(cwd), **extra}, cwd=cwd)
         payload = _request("small", 1, 28, 1)
         results: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
         order = list(modes)
