@@ -15,23 +15,14 @@ import pytest
 from PIL import Image
 
 from serving.jobs.report import summarize
+from tests.cli_run import one_line_error, run_module
 from tests.conftest import ramp_images
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def batch(*args, env: dict | None = None) -> subprocess.CompletedProcess:
-    environ = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "serving", "batch", *map(str, args)], capture_output=True,
-                          text=True, timeout=300, env=environ, cwd=ROOT)
-
-
-def one_line_error(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
+    return run_module("serving", "batch", *args, env=env)
 
 
 @pytest.mark.parametrize("engine", ["grpc", "ray"])

@@ -16,21 +16,14 @@ import pytest
 from PIL import Image
 
 from serving.client import ClassifierClient, InvalidArgument, NotFound, StreamResult, Unavailable
+from tests.cli_run import error_without_traceback, run_module
 from tests.conftest import LABELS, ramp_images
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    environ = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "serving", *map(str, args)], capture_output=True, text=True,
-                          timeout=120, env=environ, cwd=ROOT)
-
-
-def one_line_error(result: subprocess.CompletedProcess, code: int = 2) -> str:
-    assert result.returncode == code, result.stderr
-    assert "Traceback" not in result.stderr
-    return result.stderr
+    return run_module("serving", *args, env=env, timeout=120)
 
 
 def png(array: np.ndarray) -> bytes:
@@ -49,7 +42,7 @@ def pictures(tmp_path_factory) -> Path:
 
 def test_classify_a_missing_file_is_one_line(server):
     result = cli("classify", "--server", server.address, "nonexist.png")
-    assert one_line_error(result).strip() == "error: nonexist.png: no such file or folder"
+    assert error_without_traceback(result).strip() == "error: nonexist.png: no such file or folder"
 
 
 def test_classify_a_folder_classifies_its_images(server, pictures):
@@ -64,7 +57,7 @@ def test_one_bad_image_among_several_is_named_and_the_others_answered(server, pi
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image at all")
     result = cli("classify", "--server", server.address, pictures / "img0.png", bad, pictures / "img1.png")
-    stderr = one_line_error(result)
+    stderr = error_without_traceback(result)
     assert stderr.startswith(f"error: {bad}: INVALID_ARGUMENT") and len(stderr.splitlines()) == 1
     answered = result.stdout.splitlines()
     assert [line.split(":")[0] for line in answered] == [str(pictures / "img0.png"), str(pictures / "img1.png")]
@@ -72,13 +65,13 @@ def test_one_bad_image_among_several_is_named_and_the_others_answered(server, pi
 
 def test_top_k_zero_is_refused(server, pictures):
     result = cli("classify", "--server", server.address, "--top-k", "0", pictures)
-    assert "--top-k: must be at least 1" in one_line_error(result)
+    assert "--top-k: must be at least 1" in error_without_traceback(result)
 
 
 def test_a_model_version_flag_reaches_the_server(server, pictures):
     assert cli("classify", "--server", server.address, "--model-version", "1", pictures).returncode == 0
     result = cli("classify", "--server", server.address, "--model-version", "7", pictures)
-    assert "NOT_FOUND" in one_line_error(result, code=1)  # the server's answer, in one line
+    assert "NOT_FOUND" in error_without_traceback(result, code=1)  # the server's answer, in one line
 
 
 def test_server_variables_do_not_touch_client_commands(server, pictures):
@@ -86,7 +79,7 @@ def test_server_variables_do_not_touch_client_commands(server, pictures):
     result = cli("classify", "--server", server.address, pictures, env={"CNN_SERVING_PORT": "abc"})
     assert result.returncode == 0, result.stderr
     refused = cli("serve", env={"CNN_SERVING_PORT": "abc"})
-    assert "CNN_SERVING_PORT='abc' is not a valid int" in one_line_error(refused).splitlines()[-1]
+    assert "CNN_SERVING_PORT='abc' is not a valid int" in error_without_traceback(refused).splitlines()[-1]
 
 
 def test_explain_by_class_name_writes_overlay_and_raw_heatmap(server, pictures, tmp_path):
@@ -100,7 +93,7 @@ def test_explain_by_class_name_writes_overlay_and_raw_heatmap(server, pictures, 
     assert f"{LABELS[3]} (" in result.stdout
     typo = cli("explain", "--server", server.address, "--target-class", "clas_3", "--out-dir", out,
                pictures / "img0.png")
-    assert "did you mean 'class_3'" in one_line_error(typo)
+    assert "did you mean 'class_3'" in error_without_traceback(typo)
 
 
 def test_models_health_and_repository_speak_json(server):

@@ -4,31 +4,18 @@ a run ends by saying where its checkpoint is and what to run next; a log gets no
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.cli_run import one_line_error, run_module
 from training import data as datasets
 from training.__main__ import main
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
-    environ = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "training", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=environ, cwd=ROOT)
-
-
-def one_line_error(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
+    return run_module("training", *args, env=env)
 
 
 @pytest.fixture
