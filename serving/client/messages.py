@@ -96,7 +96,12 @@ def client_error(e: grpc.RpcError) -> ClientError:
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
     details = e.details() if hasattr(e, "details") else str(e)
     debug = e.debug_error_string() if hasattr(e, "debug_error_string") else None
-    return ERROR_TYPES.get(code, ClientError)(code, details or "", debug)
+    return typed_error(code, details or "", debug)
+
+
+def typed_error(code: grpc.StatusCode, details: str, debug_error_string: str | None = None) -> ClientError:
+    """The ClientError subclass of a status code (ClientError itself for a code without one)."""
+    return ERROR_TYPES.get(code, ClientError)(code, details, debug_error_string)
 
 
 @dataclass(frozen=True)
@@ -133,8 +138,7 @@ class StreamResult:
         """The failure as the typed error a unary call would raise, or None."""
         if not self.error_code:
             return None
-        code = _STATUS_BY_VALUE.get(self.error_code, grpc.StatusCode.UNKNOWN)
-        return ERROR_TYPES.get(code, ClientError)(code, self.error_message)
+        return typed_error(_STATUS_BY_VALUE.get(self.error_code, grpc.StatusCode.UNKNOWN), self.error_message)
 
 
 _STATUS_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
