@@ -13,7 +13,7 @@ import numpy as np
 
 from ..cli_support import comma_list, non_negative_int, positive_int
 from . import connection, control, health
-from .messages import IMAGE_SUFFIXES, InvalidArgument
+from .messages import IMAGE_SUFFIXES, InvalidArgument, images_under
 from .sync import ClassifierClient
 
 DEFAULT_TOP_K = 5  # the API's default, and batch's
@@ -47,7 +47,7 @@ def image_files(paths: list[str]) -> list[Path]:
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found = images_under(path)
             if not found:
                 raise UsageError(f"{name}: a folder with no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
             files.extend(found)

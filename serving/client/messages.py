@@ -25,6 +25,11 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".
                             ".pbm"})
 
 
+def images_under(folder: Path) -> list[Path]:
+    """The image files under a folder, at any depth, sorted (what `classify`, `explain` and `batch` send)."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
 class ClientError(grpc.aio.AioRpcError):
     """A call the server refused or could not answer, typed by its status code (`NotFound`, `InvalidArgument`,
     `Unavailable`, ...). It is a grpc.RpcError (and an AioRpcError, whichever client raised it), so code written

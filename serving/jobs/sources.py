@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..client import ImageLike
-from ..client.messages import IMAGE_SUFFIXES
+from ..client.messages import IMAGE_SUFFIXES, images_under
 from ..idx import IdxError
 from ..idx import read_idx as _read_idx
 from .errors import InputError
@@ -88,7 +88,7 @@ def load_npz(path: str | Path) -> Source:
 def load_folder(root: str | Path) -> Source:
     """Images under `root`; each top-level subfolder is a class (images inside it, at any depth)."""
     root = Path(root)
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = images_under(root)
     if not files:
         raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
     rel = [p.relative_to(root) for p in files]
