@@ -24,6 +24,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from ..cli_support import comma_list
 from ..client import RETRYABLE, AsyncClassifierClient, ModelInfo, connection
 from ..client.tracecontext import job_span
 from .errors import BatchError
@@ -244,7 +245,7 @@ async def run_job(args: argparse.Namespace) -> int:
 
 async def _run_job(args: argparse.Namespace) -> int:
     source = open_source(args)
-    targets = [t.strip() for t in args.server.split(",") if t.strip()]
+    targets = comma_list(args.server)
     tls, token = connection.from_arguments(args)
     async with AsyncClassifierClient(targets, timeout_s=args.timeout, retries=args.retries, tls=tls,
                                      token=token) as client:

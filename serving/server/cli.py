@@ -8,7 +8,7 @@ import asyncio
 import os
 import sys
 
-from ..cli_support import DefaultsHelpFormatter
+from ..cli_support import DefaultsHelpFormatter, comma_list
 
 SERVER_EXTRA_HINT = "the server is not installed: pip install 'cnn-serving[server]'"
 
@@ -117,7 +117,7 @@ def _server_options(args: argparse.Namespace):
         tls=TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca),
         inference_tokens=read_tokens(args.auth_token_file, INFERENCE_TOKENS_ENV),
         admin_tokens=read_tokens(args.admin_token_file, ADMIN_TOKENS_ENV),
-        admin_identities=tuple(n.strip() for n in args.admin_client_identity.split(",") if n.strip()),
+        admin_identities=tuple(comma_list(args.admin_client_identity)),
         allow_unauthenticated=args.allow_unauthenticated,
         drain_delay_s=args.drain_delay, exit_timeout_s=args.exit_timeout,
         connections=ConnectionLimits(
