@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from .errors import PermissionDenied, Unauthenticated
+from ..engine.errors import PermissionDenied, Unauthenticated
 
 audit_log = logging.getLogger("serving.audit")
 

@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ..engine.runtime import RuntimeOptions
 from ..repository_format import BUNDLED_REPOSITORY, BatchingOptions
 from ..wire import _pool
 from ..wire.classifier.v1 import classifier_pb2, classifier_pb2_grpc
@@ -25,7 +26,6 @@ from .drain import QUIET_LIMIT_S, Admission
 from .handlers import CallGate, WrappingRegistrar
 from .metrics import Metrics
 from .repository import ModelRepository
-from .runtime import RuntimeOptions
 from .tracing import TraceConfig, Tracing
 
 log = logging.getLogger("serving.server")
@@ -67,7 +67,7 @@ class InferenceServer:
         self.metrics = Metrics()
         self.tracing = Tracing(options.trace)
         self.repository = ModelRepository(options.repository, options.runtime, options.batching,
-                                          options.batching_overrides, observer_factory=self.metrics.observer,
+                                          options.batching_overrides, series_factory=self.metrics.series,
                                           tracer=self.tracing)
         self.repository.default_model = options.default_model
         self.server: grpc.aio.Server | None = None

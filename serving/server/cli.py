@@ -94,11 +94,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _server_options(args: argparse.Namespace):
+    from ..engine.runtime import RuntimeOptions
     from ..repository_format import BUNDLED_REPOSITORY
     from .access import ADMIN_TOKENS_ENV, INFERENCE_TOKENS_ENV, TlsFiles, read_tokens
     from .app import ServerOptions
     from .connections import ConnectionLimits
-    from .runtime import RuntimeOptions
     from .tracing import TraceConfig
     overrides = {k: v for k, v in {"max_batch_size": args.max_batch_size, "max_queue_delay_us": args.max_queue_delay_us,
                                    "instances": args.instances, "max_queue_size": args.max_queue_size,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from serving.client import ClassifierClient
-from serving.server.inference import InferenceRequest
+from serving.engine.inference import MODEL_INPUT_BATCH, ImageBatch, InferenceRequest
 from serving.server.repository import READY, UNAVAILABLE, ModelRepository
 from tests.conftest import export_small, running_server
 
@@ -73,7 +73,8 @@ def test_memory_is_released_over_load_unload_cycles(tmp_path):
         sizes = []
         for _ in range(n):
             await repo.load("fmnist")
-            result = await repo.get("fmnist").infer(InferenceRequest(np.zeros((4, 1, 28, 28), np.float32)))
+            result = await repo.get("fmnist").infer(InferenceRequest(ImageBatch((4, 1, 28, 28), "float32", np.zeros((4, 1, 28, 28), np.float32),
+                                                                   MODEL_INPUT_BATCH)))
             assert result.logits.shape == (4, 10)
             await repo.unload("fmnist")
             sizes.append(rss_mb())

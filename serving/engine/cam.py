@@ -13,6 +13,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
+from .decode import input_image_uint8
+
 
 @lru_cache(maxsize=32)
 def _bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
@@ -76,3 +78,8 @@ def overlay_png(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45, min
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def overlays(inputs: np.ndarray, cams: np.ndarray) -> list[bytes]:
+    """The overlay PNG of each image: its model input [n, C, H, W] as a picture under its map [n, H, W]."""
+    return [overlay_png(input_image_uint8(x), heat) for x, heat in zip(inputs, cams, strict=True)]
