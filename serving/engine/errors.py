@@ -88,3 +88,8 @@ class ShuttingDown(ServingError):
 class InternalError(ServingError):
     """A failure inside the server, already logged with its traceback (INTERNAL)."""
     status = "INTERNAL"
+
+
+class StartRefused(ServingError):
+    """A start the server refuses (a flag, a file, a port, a missing extra): the one-line reason and what to
+    change. The command line prints it without a traceback."""

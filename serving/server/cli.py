@@ -9,6 +9,7 @@ import os
 import sys
 
 from ..cli_support import DefaultsHelpFormatter, comma_list
+from ..engine.errors import StartRefused
 
 SERVER_EXTRA_HINT = "the server is not installed: pip install 'cnn-serving[server]'"
 
@@ -139,8 +140,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         with asyncio.Runner(loop_factory=event_loop_factory(args.event_loop)) as runner:
             return runner.run(serve(_server_options(args)))
-    except (OSError, RuntimeError, ValueError) as e:  # a missing repository, a port in use, an unprotected start,
-        # a bad --trace-config, tracing without its extra: no traceback
+    except StartRefused as e:  # a missing repository, a port in use, an unprotected start, a bad --trace-config,
+        # tracing without its extra: one line, no traceback (anything else is a bug and shows its traceback)
         print(f"error: {e}", file=sys.stderr)
         return 2
 

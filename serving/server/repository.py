@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..engine.errors import InvalidInput, ModelNotFound, ModelNotReady, shown
+from ..engine.errors import InvalidInput, ModelNotFound, ModelNotReady, StartRefused, shown
 from ..engine.loading import model_names
 from ..engine.runtime import RuntimeOptions
 from ..repository_format import (
@@ -56,7 +56,7 @@ class ModelRepository:
                  series_factory=None, tracer=None):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"model repository {self.root} is not a directory")
+            raise StartRefused(f"model repository {self.root} is not a directory")
         self.runtime_options = runtime_options or RuntimeOptions()
         self.batching_defaults = batching_defaults or BatchingOptions()
         self.batching_overrides = batching_overrides or {}

@@ -4,8 +4,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from serving.engine.runtime import OrtSessions, RuntimeOptions, choose_providers
 from serving.engine import runtime
+from serving.engine.runtime import OrtSessions, RuntimeOptions, choose_providers
 
 
 @pytest.fixture(scope="module")
