@@ -8,7 +8,7 @@ TORCH_INDEX ?= $(shell [ -d /opt/wheels ] || command -v nvidia-smi >/dev/null 2>
 PORT ?= 8001
 REPO ?= model_repository
 
-.PHONY: setup setup-serving demo serve test lint proto train-default bench gpu-check containers clean
+.PHONY: setup setup-serving demo serve test test-fast lint proto train-default bench gpu-check containers clean
 
 $(VENV)/.serving: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ test: setup                       ## lint, import contracts, then the whole test
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
+
+test-fast: setup                  ## the fast tier: unit tests and the in-process server's API tests, under 60 s
+	$(PY) -m pytest -q -m "not slow"
 
 lint: setup                       ## ruff and the import contracts (.importlinter)
 	$(PY) -m ruff check .

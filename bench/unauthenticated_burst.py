@@ -4,7 +4,7 @@ memory (VmRSS now, VmHWM the peak) before, during and after.
 
     python bench/unauthenticated_burst.py [--calls 24] [--mb 60] [--tree DIR]
 
-It prints one table row per kind of burst; tests/serving/test_front_door.py runs a smaller one and asserts
+It prints one table row per kind of burst; tests/server/test_front_door.py runs a smaller one and asserts
 the bound.
 """
 

@@ -30,7 +30,7 @@ def collect() -> tuple[list, dict]:
     from serving.client import ClassifierClient
     from serving.server.tracing import TraceConfig
     from tests.conftest import LABELS, running_server
-    from tests.serving.otlp_receiver import OtlpReceiver
+    from tests.server.otlp_receiver import OtlpReceiver
     from training.export import export_to_repository
     from training.models import create_model
 

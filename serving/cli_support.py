@@ -63,3 +63,14 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.Raw
                 or "%(default)" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
+
+
+def flags(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The options of a parser (not --help): argparse keeps them in a private list, read here and only here."""
+    return [a for a in parser._actions if a.option_strings and a.dest != "help"]
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """A parser's subcommands by name (argparse keeps them in a private action, read here and only here)."""
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)

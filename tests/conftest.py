@@ -18,6 +18,34 @@ from training.models import create_model
 
 LABELS = [f"class_{i}" for i in range(10)]
 
+# The slow tier: modules that start processes of their own (servers, Ray, pip, Envoy, trainings) or run for
+# seconds each. `make test-fast` (pytest -m "not slow") leaves them out and runs in under 60 s; `make test` runs
+# everything.
+SLOW = {
+    "bench": "benchmark scripts run end to end against server processes",
+    "deploy": "deploy files checked by their own tools; Envoy and rolling restarts run for real",
+    "client/test_install.py": "installs the client into a fresh virtualenv",
+    "client/test_cli.py": "starts command-line processes",
+    "jobs": "batch jobs over servers in their own processes, and Ray",
+    "server/test_drain.py": "SIGTERM to server processes under load",
+    "server/test_front_door.py": "connection floods and server processes",
+    "server/test_model_range_served.py": "exports and serves every model family",
+    "server/test_repository.py": "load and unload cycles, hot reloads",
+    "training/test_cli.py": "trainings and exports as processes",
+    "training/test_distributed.py": "a two-process training",
+    "training/test_gpu_train_script.py": "the GPU script's smoke run",
+    "training/test_train_device.py": "short trainings: compile, bf16 autocast, resume",
+    "test_import_contracts.py": "lint-imports over copies of the tree",
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    root = Path(__file__).resolve().parent
+    for item in items:
+        where = Path(item.fspath).resolve().relative_to(root).as_posix()
+        if any(where == slow or where.startswith(slow + "/") for slow in SLOW):
+            item.add_marker(pytest.mark.slow)
+
 
 def ramp_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """n uint8 28x28 ramps of random direction with noise, and random labels: an untrained model gives several

@@ -12,22 +12,18 @@ from pathlib import Path
 import pytest
 
 from serving.__main__ import build_parser as serving_parser
-from training.__main__ import _parser as training_parser
+from serving.cli_support import flags, subcommands
+from training.__main__ import build_parser as training_parser
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 FLAG = re.compile(r"--[a-z][a-z0-9-]*")
 
 
-def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(action.choices)
-
-
 def commands() -> dict[str, argparse.ArgumentParser]:
-    training = _subparsers(training_parser())
+    training = subcommands(training_parser())
     # `training models` takes no flags; `models` in the table is the client's command.
-    found = {**_subparsers(serving_parser()), "train": training["train"], "export": training["export"]}
-    found["repository"] = _subparsers(found["repository"])["index"]  # its flags live on each action
+    found = {**subcommands(serving_parser()), "train": training["train"], "export": training["export"]}
+    found["repository"] = subcommands(found["repository"])["index"]  # its flags live on each action
     return found
 
 
@@ -40,7 +36,7 @@ def table_rows() -> list[dict[str, str]]:
 
 
 def option_strings(parser: argparse.ArgumentParser) -> set[str]:
-    return {s for a in parser._actions for s in a.option_strings}
+    return {s for a in flags(parser) for s in a.option_strings}
 
 
 def test_the_table_is_linked_from_the_readme():
@@ -68,6 +64,6 @@ def test_old_spellings_still_work_and_warn(row, tmp_path):
             err = io.StringIO()
             with contextlib.redirect_stderr(err):
                 args = parser.parse_args([*positional, old, str(tmp_path)])
-            dest = next(a.dest for a in parser._actions if new in a.option_strings)
+            dest = next(a.dest for a in flags(parser) if new in a.option_strings)
             assert getattr(args, dest) == str(tmp_path)  # the old spelling does what the new one does
             assert f"warning: {old} is deprecated; use {new}" in err.getvalue()

@@ -10,7 +10,7 @@ from serving.cli_support import add_alias, prog_name
 DEFAULT_REPOSITORY = "model_repository"
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     from .config import config_keys_help
 
     parser = argparse.ArgumentParser(prog=prog_name("training"), description=__doc__)
@@ -77,7 +77,7 @@ def cmd_models() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     from .config import UsageError
     from .data import DatasetError
     try:

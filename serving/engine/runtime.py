@@ -29,6 +29,7 @@ class RuntimeOptions:
     spin_wait: bool = False          # let idle intra-op threads spin (lower latency, but steals CPU from gRPC)
     cuda_device_id: int = 0
     cuda_graphs: bool = False        # CUDA provider: replay one captured CUDA graph per batch-size bucket
+    io_binding: bool | None = None   # bind inputs and outputs to buffers; None: on the GPU providers only
 
 
 _preloaded = False
@@ -127,7 +128,8 @@ class OrtSessions:
             log.warning("%s is not usable in this process (CUDA/cuDNN libraries missing or no GPU): every model "
                         "runs on %s", asked, self.provider)
         self.threads = threads
-        self._use_binding = self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+        self.io_binding = (self.options.io_binding if self.options.io_binding is not None
+                           else self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))
         self._buckets: list[BucketedBinding] = []  # one per instance, with --cuda-graphs on the CUDA provider
         if self.options.cuda_graphs and not self.options.tensorrt and self.provider == "CUDAExecutionProvider":
             self._buckets = [BucketedBinding(s, input_name, "cuda", self.options.cuda_device_id)
@@ -139,7 +141,7 @@ class OrtSessions:
         session = self.sessions[instance % len(self.sessions)]
         if self._buckets:
             return self._buckets[instance % len(self._buckets)].run(x, outputs)
-        if not self._use_binding:
+        if not self.io_binding:
             return session.run(outputs, {self.input_name: x})
         # GPU: bind the host input once and fetch only the outputs asked for, avoiding ORT's extra copies.
         binding = session.io_binding()
@@ -154,7 +156,7 @@ class OrtSessions:
         (on the GPU every power of two; with CUDA graphs the buffers are made and each graph captured)."""
         for buckets in self._buckets:
             buckets.prepare(input_shape, max_batch_size, self.output_names)
-        sizes = batch_buckets(max_batch_size) if self._use_binding else [1, max_batch_size]
+        sizes = batch_buckets(max_batch_size) if self.io_binding else [1, max_batch_size]
         for i in range(len(self.sessions)):
             for n in sorted(set(sizes)):
                 for _ in range(2 if self._buckets else 1):  # onnxruntime captures a graph on its second run

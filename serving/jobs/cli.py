@@ -20,6 +20,7 @@ import sys
 
 from ..cli_support import non_negative_int, positive_int
 from ..client import connection
+from ..engine.inference import MAX_IMAGES_PER_REQUEST
 from . import grpc_engine
 from .errors import BatchError
 
@@ -83,6 +84,10 @@ def _other_engines_flags(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.window < 1:
         print("error: --batch-size and --window must be at least 1", file=sys.stderr)
+        return 2
+    if args.batch_size > MAX_IMAGES_PER_REQUEST:
+        print(f"error: --batch-size {args.batch_size}: a request holds at most {MAX_IMAGES_PER_REQUEST} images",
+              file=sys.stderr)
         return 2
     if args.num_actors < 0 or args.threads_per_actor < 1 or args.gpus_per_actor < 0:
         print("error: --num-actors must be at least 0 (0: the default), --threads-per-actor at least 1 and "

@@ -8,13 +8,13 @@ import asyncio
 import os
 import sys
 
-from ..cli_support import DefaultsHelpFormatter, comma_list
+from ..cli_support import DefaultsHelpFormatter, comma_list, flags
 from ..engine.errors import StartRefused
 
 SERVER_EXTRA_HINT = "the server is not installed: pip install 'cnn-serving[server]'"
 
 
-def _serve_args(p: argparse.ArgumentParser) -> None:
+def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-repository", default="", help="repository directory "
                    "(default: the bundled one, in a checkout)")
     p.add_argument("--default-model", default="", help="the model a request that names none gets (default: "
@@ -94,7 +94,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                       "are refused, with a log line (0 = no cap; default %(default)s)")
 
 
-def _server_options(args: argparse.Namespace):
+def server_options(args: argparse.Namespace):
     from ..engine.runtime import RuntimeOptions
     from ..repository_format import BUNDLED_REPOSITORY
     from .access import ADMIN_TOKENS_ENV, INFERENCE_TOKENS_ENV, TlsFiles, read_tokens
@@ -139,7 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         with asyncio.Runner(loop_factory=event_loop_factory(args.event_loop)) as runner:
-            return runner.run(serve(_server_options(args)))
+            return runner.run(serve(server_options(args)))
     except StartRefused as e:  # a missing repository, a port in use, an unprotected start, a bad --trace-config,
         # tracing without its extra: one line, no traceback (anything else is a bug and shows its traceback)
         print(f"error: {e}", file=sys.stderr)
@@ -156,7 +156,7 @@ def environment_variable(action: argparse.Action) -> str:
 
 
 def serve_flags(parser: argparse.ArgumentParser) -> list[argparse.Action]:
-    return [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    return flags(parser)
 
 
 def apply_environment(parser: argparse.ArgumentParser, environ: dict[str, str]) -> None:
@@ -194,6 +194,6 @@ def add_subcommands(subparsers) -> None:
                               formatter_class=DefaultsHelpFormatter,
                               epilog=f"Every flag can be set by its {ENV_PREFIX}* variable: --exit-timeout by "
                               f"{ENV_PREFIX}EXIT_TIMEOUT, --allow-unauthenticated by {ENV_PREFIX}ALLOW_UNAUTHENTICATED=1.")
-    _serve_args(p)
+    serve_arguments(p)
     apply_environment(p, dict(os.environ))
     p.set_defaults(func=cmd_serve)

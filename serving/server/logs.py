@@ -2,7 +2,7 @@
 call a line is about (when tracing is on), and the level and format changeable at run time (LogSettings).
 
 What a line may hold: never a token (the refusal audit line names the caller's peer and the reason, not the
-credential) and never image bytes (errors name sizes and shapes); tests/serving/test_logs.py checks both.
+credential) and never image bytes (errors name sizes and shapes); tests/server/test_logs.py checks both.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 # Series that map one to one onto Triton's nv_inference_* (per model and version): a histogram's _sum, in
 # seconds, times 1e6 is Triton's cumulative _us counter, and its _count the requests it counts. The table
-# is in docs/observability.md (Metrics); tests/serving/test_metrics.py checks every name in it is served.
+# is in docs/observability.md (Metrics); tests/server/test_metrics.py checks every name in it is served.
 TRITON_NAMES = {
     "inference_request_success_total": "nv_inference_request_success",
     "inference_request_duration_seconds": "nv_inference_request_duration_us",

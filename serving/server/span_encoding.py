@@ -5,7 +5,7 @@ exporter runs on a thread of the server's process, so that is CPU taken from the
 server makes (string, bool, integer and float attributes, links, status, no events) are written here
 straight to protobuf's wire format (about 11 µs; less where attributes repeat, as they are kept encoded)
 and parsed once, in C, into the message the exporter sends. Anything else (events, list values, dropped
-counts) goes through the SDK's encoder unchanged. tests/serving/test_tracing.py checks that both encoders
+counts) goes through the SDK's encoder unchanged. tests/server/test_tracing.py checks that both encoders
 give the same message.
 """
 

@@ -52,7 +52,7 @@ class TraceConfig:
     @classmethod
     def parse(cls, settings: Iterable[str], enabled: bool = False) -> TraceConfig:
         """Triton-like `--trace-config` settings: `level=OFF|TIMESTAMPS`, `rate=N`, `mode=opentelemetry`,
-        `opentelemetry,url=HOST:PORT` (or `url=`). Raises ValueError naming a bad one."""
+        `opentelemetry,url=HOST:PORT` (or `url=`). Raises StartRefused naming a bad one."""
         config = cls(enabled=enabled)
         for setting in settings:
             key, sep, value = setting.partition("=")

@@ -134,7 +134,7 @@ def test_every_serve_flag_has_a_documented_variable():
 
     from serving.server import cli
     parser = argparse.ArgumentParser()
-    cli._serve_args(parser)
+    cli.serve_arguments(parser)
     readme = (ROOT / "docs" / "deploy.md").read_text()
     for action in cli.serve_flags(parser):
         row = f"| `{action.option_strings[0]}` | `{cli.environment_variable(action)}` |"

@@ -30,7 +30,7 @@ from serving.wire.inference import grpc_service_pb2 as pb
 from serving.wire.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.conftest import export_small, running_server
 from tests.pki import make_pki
-from tests.serving.test_metrics import free_port, value
+from tests.server.test_metrics import free_port, value
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from front_door import reset_flood  # noqa: E402

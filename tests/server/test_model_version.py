@@ -1,43 +1,16 @@
-"""One loaded model version without a server: the batch body the batcher calls."""
+"""One served model version without a server: its batcher's policy from the config and the command line."""
 
 import numpy as np
 import pytest
 
-from serving.engine.errors import InvalidInput
 from serving.engine.inference import InferenceRequest, RawTensor
 from serving.repository_format import load_spec
 from serving.server.model import load_version
 
 
-@pytest.fixture(scope="module")
-def version(small_repo):
-    return load_version(load_spec(small_repo / "fmnist"), 1)
-
-
 def pixels(seed: int) -> RawTensor:
     data = np.random.default_rng(seed).integers(0, 256, (28, 28), np.uint8)
     return RawTensor((28, 28), "uint8", data.tobytes())
-
-
-def test_one_bad_request_fails_alone_and_the_others_match_separate_runs(version):
-    good = [InferenceRequest([pixels(1), pixels(2)]), InferenceRequest([pixels(3)])]
-    bad = InferenceRequest([RawTensor((28, 28), "uint8", b"\x00" * 10)])
-    results = version.execution.execute([good[0], bad, good[1]])
-    assert isinstance(results[1], InvalidInput) and "needs 784" in str(results[1])
-    for req, got in zip(good, (results[0], results[2])):
-        alone = version.execution.execute([req])[0]
-        np.testing.assert_allclose(got.logits, alone.logits, atol=1e-5)
-        assert got.ranking.tolist() == alone.ranking.tolist()
-        np.testing.assert_allclose(got.ranked_probabilities, np.take_along_axis(got.probabilities, got.ranking, 1))
-
-
-def test_whole_batch_decoded_at_once_equals_one_by_one(version):
-    """The vectorised path (every image uint8 at the model size) gives the same input as per-image decoding."""
-    reqs = [InferenceRequest([pixels(i)], keep_inputs=True) for i in range(5)]
-    batched = version.execution.execute(reqs)
-    for i, r in enumerate(batched):
-        expected = np.frombuffer(pixels(i).data, np.uint8).reshape(1, 1, 28, 28) / np.float32(255)
-        np.testing.assert_allclose(r.inputs, expected, atol=1e-7)
 
 
 def test_default_queue_timeout_of_the_config_applies_to_requests_without_one(small_repo):

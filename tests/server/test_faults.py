@@ -15,8 +15,9 @@ import pytest
 
 from serving.client import ClassifierClient, messages
 from serving.server.connections import ConnectionLimits
+from serving.wire.classifier.v1 import classifier_pb2_grpc
 from tests.conftest import export_small, running_server
-from tests.serving.test_metrics import free_port, value
+from tests.server.test_metrics import free_port, value
 
 tg = pytest.importorskip("tritonclient.grpc")
 
@@ -61,14 +62,16 @@ def test_an_onnxruntime_error_fails_only_its_batch(tmp_path, caplog):
         runs = CountedRuns(server)
         runs.fail_next = True
         request = messages.classify_request([IMAGE], "", 0, 1)
-        failed = [client._stubs[0].Classify.future(request) for _ in range(4)]
-        codes = []
-        for call in failed:
-            with pytest.raises(grpc.RpcError) as failure:
-                call.result(30)
-            codes.append(failure.value.code())
-            assert "fmnist" in failure.value.details() and "version 1" in failure.value.details()
-            assert "onnxruntime" not in failure.value.details()  # the internals stay in the log
+        with grpc.insecure_channel(server.address) as channel:
+            classify = classifier_pb2_grpc.ClassifierStub(channel).Classify
+            failed = [classify.future(request) for _ in range(4)]
+            codes = []
+            for call in failed:
+                with pytest.raises(grpc.RpcError) as failure:
+                    call.result(30)
+                codes.append(failure.value.code())
+                assert "fmnist" in failure.value.details() and "version 1" in failure.value.details()
+                assert "onnxruntime" not in failure.value.details()  # the internals stay in the log
         assert codes == [grpc.StatusCode.INTERNAL] * 4 and runs.count == 1
         assert client.classify([IMAGE] * 3)[0]  # the next batch runs
         assert runs.count == 2
@@ -127,15 +130,17 @@ def test_a_client_leaving_a_stream_frees_its_queued_work(tmp_path):
 
 def test_aged_connections_are_replaced_without_failing_a_call(small_repo):
     with running_server(small_repo, connections=ConnectionLimits(age_s=0.3, age_grace_s=5)) as server:
-        client = ClassifierClient(server.address, retries=0)
+        channel = grpc.insecure_channel(server.address)  # the connection whose replacements are counted
+        classify = classifier_pb2_grpc.ClassifierStub(channel).Classify
+        request = messages.classify_request([IMAGE], "", 0, 1)
         states = []
-        client._channels[0].subscribe(states.append, try_to_connect=True)
+        channel.subscribe(states.append, try_to_connect=True)
         stop, failures, calls = threading.Event(), [], [0]
 
         def call_in_a_loop():
             while not stop.is_set():
                 try:
-                    client.classify([IMAGE])
+                    classify(request, timeout=10)
                     calls[0] += 1
                 except grpc.RpcError as e:
                     failures.append(e.code())
@@ -147,7 +152,7 @@ def test_aged_connections_are_replaced_without_failing_a_call(small_repo):
         stop.set()
         for w in workers:
             w.join(10)
-        client.close()
+        channel.close()
     connected = sum(1 for s in states if s == grpc.ChannelConnectivity.READY)
     print(f"\n{calls[0]} calls over 1.5 s with connections aged out after 0.3 s: {connected} connections, "
           f"{len(failures)} failed")

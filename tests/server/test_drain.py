@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving.client import AsyncClassifierClient, ClassifierClient
 from serving.engine.errors import ShuttingDown
 from serving.server.drain import STREAM_CUT, Admission
+from serving.wire.classifier.v1 import classifier_pb2_grpc
 from serving.wire.inference import grpc_service_pb2 as kserve_pb
 from serving.wire.inference import grpc_service_pb2_grpc as kserve_grpc
 from tests.conftest import running_server
@@ -113,7 +114,9 @@ def test_drain_answers_what_it_accepted_and_refuses_the_rest(small_repo):
 
         streaming = threading.Thread(target=stream)
         streaming.start()
-        unary = [client._stubs[0].Classify.future(_request()) for _ in range(4)]
+        unary_channel = grpc.insecure_channel(server.address)  # calls left running while the test goes on
+        classify = classifier_pb2_grpc.ClassifierStub(unary_channel).Classify
+        unary = [classify.future(_request()) for _ in range(4)]
         time.sleep(0.05)
         drained = asyncio.run_coroutine_threadsafe(server.server.drain(delay_s=0.3, timeout_s=10), server.loop)
         time.sleep(0.05)
@@ -121,7 +124,7 @@ def test_drain_answers_what_it_accepted_and_refuses_the_rest(small_repo):
             check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
             ready = kserve_grpc.GRPCInferenceServiceStub(channel).ServerReady(kserve_pb.ServerReadyRequest())
         assert check.status == NOT_SERVING and not ready.ready
-        unary.append(client._stubs[0].Classify.future(_request()))  # accepted during the delay
+        unary.append(classify.future(_request()))  # accepted during the delay
         time.sleep(0.35)  # past the delay: new calls are refused, those accepted are still queued or running
         assert server.server.admission.in_flight > 0
         with pytest.raises(grpc.RpcError) as refused:
@@ -135,6 +138,7 @@ def test_drain_answers_what_it_accepted_and_refuses_the_rest(small_repo):
         assert all(not r.error_code for r in answered)
         assert ending and ending[0].code() == grpc.StatusCode.UNAVAILABLE and ending[0].details() == STREAM_CUT
         assert all(f.result().results for f in unary)
+        unary_channel.close()
 
 
 def _request():
@@ -185,8 +189,8 @@ def test_tritonclient_given_the_service_config_retries_refusals(small_repo):
 def test_exit_timeout_cuts_what_is_still_running(small_repo):
     with running_server(small_repo, batching_overrides={"inline_budget_us": 0}) as server:
         slow_model(server, 1.5)
-        with ClassifierClient(server.address, retries=0) as client:
-            call = client._stubs[0].Classify.future(_request())
+        with grpc.insecure_channel(server.address) as channel:
+            call = classifier_pb2_grpc.ClassifierStub(channel).Classify.future(_request())
             time.sleep(0.2)
             assert server.call(server.server.drain(timeout_s=0.2)) is False
             server.call(server.server.close())

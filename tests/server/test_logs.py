@@ -17,7 +17,7 @@ from serving.server.tracing import TraceConfig
 from serving.wire.classifier.v1 import classifier_pb2 as cpb
 from serving.wire.classifier.v1 import classifier_pb2_grpc as cpb_grpc
 from tests.conftest import export_small, running_server
-from tests.serving.otlp_receiver import OtlpReceiver
+from tests.server.otlp_receiver import OtlpReceiver
 
 tg = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402

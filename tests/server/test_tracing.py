@@ -12,11 +12,12 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 from serving.client import ClassifierClient
+from serving.engine.errors import StartRefused
 from serving.server.tracing import TraceConfig
 from serving.wire.inference import grpc_service_pb2 as kpb
 from serving.wire.inference import grpc_service_pb2_grpc as kpb_grpc
 from tests.conftest import ramp_images, running_server
-from tests.serving.otlp_receiver import OtlpReceiver
+from tests.server.otlp_receiver import OtlpReceiver
 
 CLASSIFY = "classifier.v1.Classifier/Classify"
 SERVER_KIND = 2  # SPAN_KIND_SERVER in OTLP
@@ -210,14 +211,14 @@ def test_trace_flags_parse_as_tritons_and_from_their_variables():
     assert TraceConfig.parse(["level=OFF"], enabled=True).enabled is False
     for bad, words in (("rate=0", "N >= 1"), ("level=TENSORS", "OFF or TIMESTAMPS"), ("mode=triton", "opentelemetry"),
                        ("rate", "key=value"), ("file=x", "unknown")):
-        with pytest.raises(ValueError, match=words):
+        with pytest.raises(StartRefused, match=words):
             TraceConfig.parse([bad])
     # A repeatable flag from its variable: the settings apart by spaces; the command line adds to them.
     parser = argparse.ArgumentParser()
-    cli._serve_args(parser)
+    cli.serve_arguments(parser)
     cli.apply_environment(parser, {"CNN_SERVING_TRACE_CONFIG": "rate=10 level=TIMESTAMPS", "CNN_SERVING_LOG_LEVEL": "debug"})
     args = parser.parse_args(["--trace-config", "url=c:4317"])
-    assert cli._server_options(args).trace == TraceConfig(True, 10, "c:4317") and args.log_level == "DEBUG"
+    assert cli.server_options(args).trace == TraceConfig(True, 10, "c:4317") and args.log_level == "DEBUG"
 
 
 def test_the_async_client_inside_a_batch_job_span_joins_the_jobs_trace(small_repo, monkeypatch):
