@@ -11,7 +11,7 @@ import numpy as np
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-class IdxError(ValueError):
+class IdxError(Exception):
     """Bytes that are not a well-formed IDX file; the message says what is wrong."""
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from .augment import AugmentConfig
 
 
-class UsageError(ValueError):
+class UsageError(Exception):
     """A mistake in what the user asked for (a config key, a value, a missing file): one line, exit code 2."""
 
 

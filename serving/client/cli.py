@@ -19,7 +19,7 @@ from .sync import ClassifierClient
 DEFAULT_TOP_K = 5  # the API's default, and batch's
 
 
-class UsageError(ValueError):
+class UsageError(Exception):
     """A mistake on the command line (a missing file, an unknown class name): one line, exit code 2."""
 
 

@@ -15,7 +15,7 @@ TOKEN_ENV = "CNN_SERVING_TOKEN"
 Metadata = tuple[tuple[str, str], ...]
 
 
-class SetupError(ValueError):
+class SetupError(Exception):
     """A connection setting that cannot work (a missing file, half a client certificate); says what to fix."""
 
 
