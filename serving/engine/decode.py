@@ -99,18 +99,7 @@ def decode_images(images: Images, pre: Preprocessing, out: np.ndarray, finite_on
     Every conversion of an image happens here, once: encoded bytes are decoded, converted and resized with
     Pillow; tensors are checked, laid out as the model wants and scaled, straight into their rows."""
     if isinstance(images, ImageBatch):
-        arr = tensor_array(images.shape, images.dtype, images.data, "input")
-        if images.layout == MODEL_INPUT_BATCH:
-            _check_model_input(arr.shape[1:], pre)
-            to_unit_range(arr, out, finite_only)
-            return
-        if arr.dtype != np.uint8:
-            raise InvalidInput(f"a batch of pictures must be uint8, not {images.dtype}")
-        if pixels_at_model_size(arr.shape[1:], pre):  # a block of pictures at the model size: one step
-            to_unit_range(arr.reshape(-1, pre.height, pre.width, pre.channels).transpose(0, 3, 1, 2), out, True)
-            return
-        for i, picture in enumerate(arr):
-            to_unit_range(_pixels_at_model_size(picture, pre).transpose(2, 0, 1), out[i], True)
+        _decode_image_batch(images, pre, out, finite_only)
         return
     for i, item in enumerate(images):
         if isinstance(item, bytes):
@@ -123,6 +112,23 @@ def decode_images(images: Images, pre: Preprocessing, out: np.ndarray, finite_on
                 continue
             pixels = _pixels_at_model_size(arr, pre)
         to_unit_range(pixels.transpose(2, 0, 1), out[i], finite_only)
+
+
+def _decode_image_batch(images: ImageBatch, pre: Preprocessing, out: np.ndarray, finite_only: bool) -> None:
+    """N images in one buffer: a model-input tensor (NCHW) in one numpy call; pictures (NHWC) in one call when
+    they are at the model size, else resized one by one."""
+    arr = tensor_array(images.shape, images.dtype, images.data, "input")
+    if images.layout == MODEL_INPUT_BATCH:
+        _check_model_input(arr.shape[1:], pre)
+        to_unit_range(arr, out, finite_only)
+        return
+    if arr.dtype != np.uint8:
+        raise InvalidInput(f"a batch of pictures must be uint8, not {images.dtype}")
+    if pixels_at_model_size(arr.shape[1:], pre):
+        to_unit_range(arr.reshape(-1, pre.height, pre.width, pre.channels).transpose(0, 3, 1, 2), out, True)
+        return
+    for i, picture in enumerate(arr):
+        to_unit_range(_pixels_at_model_size(picture, pre).transpose(2, 0, 1), out[i], True)
 
 
 def decode_batch(requests: list[InferenceRequest], rows: list[slice], out: np.ndarray,
