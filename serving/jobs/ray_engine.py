@@ -346,7 +346,7 @@ def _mistake_overlays(spec: ModelSpec, version: int, source: Source, positions: 
     if not pictures:
         return pictures
     loaded = load_execution(spec, version, RuntimeOptions(device="cpu"), instances=1)
-    if loaded.cam_reason:
+    if loaded.cam_unsupported_reason:
         return pictures
     request = InferenceRequest([_wire_image(p) for p in pictures], cam=True, keep_inputs=True)
     (result,) = loaded.execution.execute([request])

@@ -50,7 +50,7 @@ class BatcherStopped(ServingError):
     """The model version is shutting down or being replaced (UNAVAILABLE: retry, another version serves)."""
 
 
-class CamUnavailable(ServingError):
+class CamUnsupported(ServingError):
     """The model has no linear map from feature maps to logits (FAILED_PRECONDITION)."""
 
 

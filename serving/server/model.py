@@ -20,11 +20,12 @@ from ..repository_format import (
     BatchingOptions,
     ModelSpec,
     class_count,
+    VersionMetadata,
     read_metadata,
     version_file,
 )
 from .batcher import BatchObserver, BatchTracer, DynamicBatcher
-from .errors import CamUnavailable, InternalError, InvalidInput, ServingError
+from .errors import CamUnsupported, InternalError, InvalidInput, ServingError
 from .execution import BatchExecution
 from .inference import InferenceRequest, InferenceResult
 from .runtime import OrtSessions, RuntimeOptions
@@ -39,8 +40,8 @@ class ModelVersion:
     version: int
     execution: BatchExecution    # what the batcher runs for each batch (usable without a batcher too)
     batcher: DynamicBatcher
-    metadata: dict = field(default_factory=dict)
-    cam_reason: str = ""  # why the version cannot explain ("" when it can)
+    metadata: VersionMetadata = field(default_factory=VersionMetadata)
+    cam_unsupported_reason: str = ""  # why the version cannot explain ("" when it can)
 
     @property
     def name(self) -> str:
@@ -52,12 +53,13 @@ class ModelVersion:
 
     @property
     def supports_cam(self) -> bool:
-        return not self.cam_reason
+        return not self.cam_unsupported_reason
 
     async def infer(self, request: InferenceRequest, priority: int | None = None,
                     timeout_s: float | None = None) -> InferenceResult:
         if request.cam and not self.supports_cam:
-            raise CamUnavailable(f"model {self.name} version {self.version} cannot explain: {self.cam_reason}")
+            raise CamUnsupported(f"model {self.name} version {self.version} cannot explain: "
+                                 f"{self.cam_unsupported_reason}")
         if request.target_class is not None and not 0 <= request.target_class < self.spec.num_classes:
             raise InvalidInput(f"target_class {request.target_class} is outside 0..{self.spec.num_classes - 1}")
         set_call_attributes(self.name, self.version, len(request))
@@ -79,8 +81,8 @@ class LoadedVersion:
     """A version's sessions and batch execution, checked against its config and warmed up: what a server
     puts a batcher in front of, and what a batch job's worker calls directly."""
     execution: BatchExecution
-    metadata: dict
-    cam_reason: str  # why the version cannot explain ("" when it can)
+    metadata: VersionMetadata
+    cam_unsupported_reason: str  # why the version cannot explain ("" when it can)
 
     @property
     def sessions(self) -> OrtSessions:
@@ -101,14 +103,14 @@ def load_execution(spec: ModelSpec, version: int, options: RuntimeOptions | None
     sessions = OrtSessions(model_path, spec.input_name, outputs, instances or b.instances, options)
     pre = spec.preprocessing
     _check_shapes(sessions, spec)
-    cam_weights, cam_reason = None, metadata.get("cam_unsupported_reason", "")
+    cam_weights, cam_unsupported_reason = None, metadata.cam_unsupported_reason
     if spec.features_output and cam_path.exists():
         cam_weights = np.load(cam_path).astype(np.float32)
-        cam_reason = ""
-    elif not cam_reason:
-        cam_reason = "the repository has no CAM weights for this version"
+        cam_unsupported_reason = ""
+    elif not cam_unsupported_reason:
+        cam_unsupported_reason = "the repository has no CAM weights for this version"
     sessions.warm_up((pre.channels, pre.height, pre.width), max_batch_size or b.max_batch_size)
-    return LoadedVersion(BatchExecution(spec, sessions, cam_weights), metadata, cam_reason)
+    return LoadedVersion(BatchExecution(spec, sessions, cam_weights), metadata, cam_unsupported_reason)
 
 
 def load_version(spec: ModelSpec, version: int, options: RuntimeOptions | None = None,
@@ -123,7 +125,7 @@ def load_version(spec: ModelSpec, version: int, options: RuntimeOptions | None =
         combine=b.combine_requests, merge=InferenceResult.concat, observer=observer, tracer=tracer,
         inline_max_units=_inline_units(loaded.sessions, (pre.channels, pre.height, pre.width), b),
         name=f"{spec.name}:{version}")
-    return ModelVersion(spec, version, execution, batcher, loaded.metadata, loaded.cam_reason)
+    return ModelVersion(spec, version, execution, batcher, loaded.metadata, loaded.cam_unsupported_reason)
 
 
 def _inline_units(sessions: OrtSessions, shape: tuple[int, ...], b: BatchingOptions) -> int:

@@ -14,7 +14,7 @@ import grpc
 
 from ..errors import (
     BatcherStopped,
-    CamUnavailable,
+    CamUnsupported,
     DeadlineExceeded,
     InternalError,
     InvalidInput,
@@ -37,7 +37,7 @@ _CODES: dict[type[ServingError], grpc.StatusCode] = {
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     BatcherStopped: grpc.StatusCode.UNAVAILABLE,
-    CamUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
+    CamUnsupported: grpc.StatusCode.FAILED_PRECONDITION,
     NotInstalled: grpc.StatusCode.FAILED_PRECONDITION,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
