@@ -151,8 +151,8 @@ def _metrics_of(checkpoint: Path) -> dict:
 
 
 def export_main(args: argparse.Namespace) -> None:
-    from .config import UsageError
     from .checkpoints import load_checkpoint
+    from .config import UsageError
 
     repo = Path(args.model_repository)
     if args.all:

@@ -19,8 +19,8 @@ from ..repository_format import (
     MODEL_FILE,
     BatchingOptions,
     ModelSpec,
-    class_count,
     VersionMetadata,
+    class_count,
     read_metadata,
     version_file,
 )

@@ -73,9 +73,10 @@ def test_resume_continues_the_schedule():
         optimizer.step()
         first.step()
     state = first.state_dict()
+    # As training.checkpoints.resume_from does it: the scheduler is made, then both states are loaded.
     resumed_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    resumed_opt.load_state_dict(optimizer.state_dict())
     resumed = make_scheduler(cfg, resumed_opt, 10)
+    resumed_opt.load_state_dict(optimizer.state_dict())
     resumed.load_state_dict(state)
     later = []
     for _ in range(20):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from training.augment import AugmentConfig, augment, to_model_input
-from training.data import Split
 from training.checkpoints import load_checkpoint
 from training.config import config_from_dict
+from training.data import Split
 from training.loading import Data, epoch_batches, model_batch, to_device
 from training.runtime import Runtime, autocast_dtype, resolve_device
 from training.schedule import make_scheduler, peak_lr, steps_per_epoch

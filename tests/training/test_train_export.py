@@ -8,10 +8,10 @@ import torch
 from google.protobuf import text_format
 
 from tests.training.test_data import write_idx
-from training.export import PARITY_TOLERANCE, export_to_repository, parity_error
-from training.models import compute_cam, create_model
 from training.checkpoints import load_checkpoint
 from training.config import config_from_dict
+from training.export import PARITY_TOLERANCE, export_to_repository, parity_error
+from training.models import compute_cam, create_model
 from training.train import train
 
 
