@@ -51,6 +51,8 @@ LABELS_FILE = "labels.txt"
 MODEL_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
 CAM_WEIGHTS_FILE = "cam_weights.npy"
+# The `parameters` of config.pbtxt this format reads (any other is named as not applied).
+MODEL_PARAMETERS = ("preprocessing", "architecture", "features_output")
 
 
 class ConfigError(ValueError):
@@ -230,7 +232,7 @@ def load_spec(model_dir: Path, defaults: BatchingOptions | None = None, override
     name = config.name or model_dir.name
     if config.name and config.name != model_dir.name:
         raise ConfigError(f"{model_dir}: config name {config.name!r} differs from the directory name")
-    refused, warnings = unserved_features(config)
+    refused, warnings = unserved_features(config, MODEL_PARAMETERS)
     if config.default_model_filename not in ("", MODEL_FILE):
         refused.append(f"default_model_filename: {config.default_model_filename!r}: a version's model is "
                        f"<version>/{MODEL_FILE}")

@@ -6,6 +6,8 @@ every field set that the server does not apply.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from google.protobuf.message import Message
 
 from ..wire.inference import model_config_pb2 as mc
@@ -54,10 +56,12 @@ _WARNED = {
 }
 
 
-def unserved_features(config: mc.ModelConfig) -> tuple[list[str], list[str]]:
+def unserved_features(config: mc.ModelConfig, parameters: Iterable[str]) -> tuple[list[str], list[str]]:
     """The features `config` sets that this server does not serve, by field path: (refused, warnings), each
-    entry `path: why`. A field set to its default is no feature."""
+    entry `path: why`. A field set to its default is no feature; `parameters` are the keys the format reads."""
     refused, warnings = [], []
+    warnings += [f"parameters[{key!r}]: not applied by this server" for key in config.parameters
+                 if key not in set(parameters)]
     if config.platform == "ensemble":
         refused.append(f"platform: ensemble: {_REFUSED['ensemble_scheduling']}")
     warnings += [f"model_warmup {w.name!r} (batch_size {w.batch_size}): {_WARNED['model_warmup']}"

@@ -159,6 +159,7 @@ response_cache { enable: false }
 model_transaction_policy { decoupled: false }
 metric_tags { key: "team" value: "vision" }
 parameters { key: "architecture" value: { string_value: "small_fmnist" } }
+parameters { key: "intra_op_thread_count" value: { string_value: "4" } }
 """
 
 
@@ -170,7 +171,8 @@ def test_a_full_triton_config_serves_with_every_unapplied_knob_named(tmp_path):
     assert spec.architecture == "small_fmnist"
     named = [w.split(":")[0] for w in spec.warnings]
     # Switched-off features (response_cache, decoupled false) are no features; preserve_ordering holds anyway.
-    assert named == ["model_warmup 'zeros' (batch_size 8)", "instance_group[0].rate_limiter", "metric_tags",
+    assert named == ["parameters['intra_op_thread_count']", "model_warmup 'zeros' (batch_size 8)",
+                     "instance_group[0].rate_limiter", "metric_tags",
                      "dynamic_batching.default_queue_policy.allow_timeout_override",
                      "dynamic_batching.priority_queue_policy", "optimization"]
 
