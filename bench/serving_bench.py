@@ -86,7 +86,7 @@ def prepare_repository(models: list[str], work_dir: Path, max_batch_size: int) -
 
 def bench_in_process(path: Path, shape: tuple[int, ...], batches: list[int], seconds: float, device: str,
                      tensorrt: bool = False) -> dict:
-    from serving.server.runtime import OrtSessions, RuntimeOptions
+    from serving.engine.runtime import OrtSessions, RuntimeOptions
     # onnxruntime as it comes (spinning threads): the in-process figure is its best, not ours.
     model = OrtSessions(path, "input", ["logits"], 1, RuntimeOptions(device=device, tensorrt=tensorrt, spin_wait=True))
     out = {"provider": model.provider}

@@ -24,15 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..repository_format import (
-    BUNDLED_REPOSITORY,
-    CONFIG_FILE,
-    ConfigError,
-    ModelSpec,
-    list_versions,
-    load_spec,
-    select_versions,
-)
+from ..engine.cam import overlays
+from ..engine.errors import ModelNotFound, ServingError
+from ..engine.inference import PIXELS_BATCH, ImageBatch, InferenceRequest, RawTensor
+from ..engine.loading import choose_version, load_execution, model_names, only_model
+from ..engine.runtime import RuntimeOptions
+from ..repository_format import BUNDLED_REPOSITORY, ConfigError, ModelSpec, load_spec
 from .errors import BatchError
 from .output import Output, WrittenWith
 from .report import finish_report, summarize, unfinished, worst_mistakes
@@ -61,26 +58,15 @@ def choose_model(repository: Path, model: str, version: int = 0) -> tuple[ModelS
     """The named model (or the repository's only one) at `version`, or (0) the newest its version policy serves."""
     if not repository.is_dir():
         raise BatchError(f"model repository {repository} is not a directory")
-    names = sorted(p.name for p in repository.iterdir() if (p / CONFIG_FILE).exists())
-    if not model:
-        if len(names) != 1:
-            raise BatchError(f"{repository} holds {', '.join(names) or 'no models'}; choose one with --model")
-        model = names[0]
-    if model not in names:
-        raise BatchError(f"model {model!r} is not in {repository} (models: {', '.join(names) or 'none'})")
+    names = model_names(repository)
     try:
+        model = model or only_model(names, str(repository))
+        if model not in names:
+            raise BatchError(f"model {model!r} is not in {repository} (models: {', '.join(names) or 'none'})")
         spec = load_spec(repository / model)
-    except ConfigError as e:  # what the server would report for the model, as one line
-        raise BatchError(str(e)) from None
-    if version:
-        if version not in list_versions(spec.directory):
-            raise BatchError(f"model {model!r} has no version {version} in {repository} (versions: "
-                             f"{', '.join(map(str, list_versions(spec.directory))) or 'none'})")
-        return spec, version
-    versions = select_versions(spec.config, list_versions(spec.directory))
-    if not versions:
-        raise BatchError(f"model {model!r} has no version directory with a model file in {repository}")
-    return spec, versions[-1]
+        return spec, choose_version(spec, version)
+    except (ModelNotFound, ConfigError) as e:  # what the server would report for the model, as one line
+        raise BatchError(f"{e} ({repository})" if isinstance(e, ModelNotFound) else str(e)) from None
 
 
 class Classifier:
@@ -94,8 +80,6 @@ class Classifier:
 
     def __init__(self, repository: str, model: str, version: int, top_k: int, threads: int, device: str,
                  batch_size: int):
-        from ..server.model import load_execution
-        from ..server.runtime import RuntimeOptions
         spec = load_spec(Path(repository) / model)
         # Spinning threads: an actor does nothing but run batches back to back (a server shares its cores).
         options = RuntimeOptions(device=device, intra_op_threads=threads, spin_wait=True)
@@ -121,8 +105,6 @@ class Classifier:
 
     def _classify(self, column: np.ndarray, start: int, stop: int, out: dict[str, np.ndarray]) -> None:
         """The batch of rows [start, stop) of a block into the same rows of its outputs."""
-        from ..server.api.status import status_of
-        from ..server.inference import InferenceRequest
         k, images = self.top_k, self._model_inputs(column, start, stop)
         (whole,) = self.execution.execute([InferenceRequest(images)])
         if not isinstance(whole, Exception):
@@ -132,27 +114,24 @@ class Classifier:
         requests = [InferenceRequest(images[i:i + 1]) for i in range(len(images))]
         for row, result in enumerate(self.execution.execute(requests), start):
             if isinstance(result, Exception):
-                code, text = status_of(result)
-                out["error_status"][row], out["error_message"][row] = code.name, text
+                status = result.status if isinstance(result, ServingError) else "INTERNAL"
+                out["error_status"][row], out["error_message"][row] = status, str(result)
             else:
                 out["top_index"][row], out["top_score"][row] = result.ranking[0, :k], result.ranked_probabilities[0, :k]
 
-    def _model_inputs(self, column: np.ndarray, start: int, stop: int) -> np.ndarray | list:
-        """Rows [start, stop) of a block as the execution takes them: pixels already at the model size as one
-        model-input array, converted by the server's preprocessing in one step (the wire form would cost a
-        tensor and a copy per image); anything else (file paths, encoded bytes, pixels to resize) as the
-        images a server receives, decoded by the execution."""
-        from ..server.preprocess import pixels_at_model_size, pixels_to_model_input
-        pre = self.execution.spec.preprocessing
-        if column.dtype == np.uint8 and pixels_at_model_size(column.shape[1:], pre):
-            return pixels_to_model_input(column[start:stop], pre)
+    def _model_inputs(self, column: np.ndarray, start: int, stop: int) -> ImageBatch | list:
+        """Rows [start, stop) of a block as the execution takes them: in-memory pixels as one batch of pictures,
+        converted by the engine in one step (as tensors, one per image, they would cost a copy each); file
+        paths and encoded bytes as the images a server receives."""
+        if column.dtype == np.uint8:
+            return ImageBatch((stop - start, *column.shape[1:]), "uint8",
+                              np.ascontiguousarray(column[start:stop]), PIXELS_BATCH)
         return [_wire_image(item) for item in column[start:stop]]
 
 
 def _wire_image(stored):
     """An input as it is stored (uint8 pixels, a file path, encoded bytes) in the form a server receives it:
     pixels as a raw uint8 tensor, a file's bytes as an encoded image."""
-    from ..server.inference import RawTensor
     if isinstance(stored, np.ndarray):
         return RawTensor(stored.shape, "uint8", stored.tobytes())
     if isinstance(stored, bytes):
@@ -337,11 +316,6 @@ def _rows(source: Source, spec: ModelSpec, truth: Truth, batch: dict[str, np.nda
 def _mistake_overlays(spec: ModelSpec, version: int, source: Source, positions: np.ndarray) -> list:
     """CAM overlays of the mistakes, computed in the driver with the same code (the inputs themselves when
     the model cannot explain)."""
-    from ..server.cam import overlay_png
-    from ..server.inference import InferenceRequest
-    from ..server.model import load_execution
-    from ..server.preprocess import input_image_uint8
-    from ..server.runtime import RuntimeOptions
     pictures = [source.picture(int(p)) for p in positions]
     if not pictures:
         return pictures
@@ -352,7 +326,7 @@ def _mistake_overlays(spec: ModelSpec, version: int, source: Source, positions: 
     (result,) = loaded.execution.execute([request])
     if isinstance(result, Exception):
         return pictures
-    return [overlay_png(input_image_uint8(x), heat) for x, heat in zip(result.inputs, result.cams, strict=True)]
+    return overlays(result.inputs, result.cams)
 
 
 def run_job(args: argparse.Namespace) -> int:

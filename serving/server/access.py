@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from .errors import PermissionDenied, Unauthenticated
+from ..engine.errors import PermissionDenied, StartRefused, Unauthenticated
 
 audit_log = logging.getLogger("serving.audit")
 
@@ -36,10 +36,6 @@ class Role(enum.IntEnum):
     """What a token allows; a higher role allows everything a lower one does."""
     INFERENCE = 1  # inference and metadata RPCs of both APIs
     ADMIN = 2      # also the management RPCs (load, unload)
-
-
-class StartRefused(RuntimeError):
-    """A start the server refuses, with the one-line reason and the flag that changes it."""
 
 
 def parse_tokens(text: str, where: str, separators: str = "\n") -> list[str]:

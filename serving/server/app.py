@@ -14,6 +14,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ..engine.errors import StartRefused
+from ..engine.runtime import RuntimeOptions
 from ..repository_format import BUNDLED_REPOSITORY, BatchingOptions
 from ..wire import _pool
 from ..wire.classifier.v1 import classifier_pb2, classifier_pb2_grpc
@@ -25,7 +27,6 @@ from .drain import QUIET_LIMIT_S, Admission
 from .handlers import CallGate, WrappingRegistrar
 from .metrics import Metrics
 from .repository import ModelRepository
-from .runtime import RuntimeOptions
 from .tracing import TraceConfig, Tracing
 
 log = logging.getLogger("serving.server")
@@ -67,7 +68,7 @@ class InferenceServer:
         self.metrics = Metrics()
         self.tracing = Tracing(options.trace)
         self.repository = ModelRepository(options.repository, options.runtime, options.batching,
-                                          options.batching_overrides, observer_factory=self.metrics.observer,
+                                          options.batching_overrides, series_factory=self.metrics.series,
                                           tracer=self.tracing)
         self.repository.default_model = options.default_model
         self.server: grpc.aio.Server | None = None
@@ -106,7 +107,10 @@ class InferenceServer:
         o.connections.check_file_limit()
         redact_undecodable_metadata()
         if o.metrics_port:  # before minutes of model loading: a metrics port that cannot bind stops the start
-            await self.metrics.serve(o.metrics_port, o.metrics_host)
+            try:
+                await self.metrics.serve(o.metrics_port, o.metrics_host)
+            except OSError as e:
+                raise StartRefused(f"--metrics-port {o.metrics_port} on {o.metrics_host}: {e.strerror or e}") from None
         await self.repository.load_all()
         self.server = grpc.aio.server(options=self._grpc_options())
         # Our services' handlers are wrapped once: counted, caller checked and admitted, then the body read.
@@ -126,7 +130,7 @@ class InferenceServer:
         except RuntimeError:  # grpc raises a bare "Failed to bind" with no address in it
             self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {address}: the port is taken or the address is not this machine's")
+            raise StartRefused(f"cannot listen on {address}: the port is taken or the address is not this machine's")
         await self.server.start()
         self.started = True
         self.connection_watch = ConnectionWatch(o.connections.max_connections)
@@ -239,7 +243,7 @@ def event_loop_factory(kind: str = "auto"):
         import uvloop
     except ImportError:
         if kind == "uvloop":
-            raise RuntimeError("--event-loop uvloop: uvloop is not installed (pip install uvloop)") from None
+            raise StartRefused("--event-loop uvloop: uvloop is not installed (pip install uvloop)") from None
         return asyncio.new_event_loop
     return uvloop.new_event_loop
 

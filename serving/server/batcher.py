@@ -9,9 +9,10 @@ larger than the limit is split into chunks and merged back in order. The queue i
 once when full); requests whose deadline passes in the queue are dropped and answered DeadlineExceeded;
 a cancelled caller frees its slot.
 
-Two optional hooks watch it without shaping it: an `observer` (statistics: per batch and per answered
-request) and a `tracer` (which captures each request's trace context at submit and is told of every batch
-that served a traced request, with its timestamps, after the batch ran).
+Two optional hooks watch it without shaping it: an `observer`, told of every batch, answered request, full
+queue and expired deadline (the statistics live there: `statistics.py`), and a `tracer`, which captures each
+request's trace context at submit and is told of every batch that served a traced request, with its
+timestamps, after the batch ran.
 """
 
 from __future__ import annotations
@@ -23,55 +24,10 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .errors import BatcherStopped, DeadlineExceeded, InvalidInput, QueueFull
-
-
-class PhasedResults(list):
-    """What `execute` may return instead of a plain list: the results, and how long the batch spent in each
-    phase (seconds: preparing inputs, running the model, producing outputs). Without it the whole
-    execution counts as the middle phase."""
-
-    def __init__(self, results, phases: tuple[float, float, float]):
-        super().__init__(results)
-        self.phases = phases
-
-
-@dataclass
-class PhaseTotals:
-    """Summed durations of the three compute phases, in ns (Triton's compute_input/infer/output)."""
-    count: int = 0
-    input_ns: int = 0
-    infer_ns: int = 0
-    output_ns: int = 0
-
-    def add(self, phases: tuple[float, float, float], scale: float = 1.0) -> None:
-        self.count += 1
-        self.input_ns += int(phases[0] * scale * 1e9)
-        self.infer_ns += int(phases[1] * scale * 1e9)
-        self.output_ns += int(phases[2] * scale * 1e9)
-
-
-@dataclass
-class BatchStats:
-    """Counters a batcher keeps; read by metrics and ModelStatistics. Per successful request (Triton's
-    inference_stats): its time from submit to answer, its time queued, and the compute phases of the
-    batch(es) it ran in, so that for every request queue + phases <= success. Per execution (Triton's
-    batch_stats): the phases of each batch, by its size in units."""
-    requests: int = 0
-    succeeded: int = 0
-    success_ns: int = 0     # submit to answer, summed over the requests that succeeded
-    queue_ns: int = 0       # summed over the requests that succeeded
-    compute: PhaseTotals = field(default_factory=PhaseTotals)  # per successful request
-    executions: int = 0
-    units: int = 0
-    failures: int = 0
-    rejected: int = 0
-    expired: int = 0
-    batches: dict[int, PhaseTotals] = field(default_factory=dict)  # batch size -> its executions
-    last_inference_ms: int = 0
+from ..engine.errors import BatcherStopped, DeadlineExceeded, InvalidInput, QueueFull
 
 
 @dataclass(eq=False)
@@ -93,11 +49,22 @@ def _concat_lists(parts: list) -> Any:
 
 
 class BatchObserver(Protocol):
-    def batch(self, units: int, queue_times: list[float], compute_s: float, errors: list[BaseException]) -> None:
-        """One execution: its units, each request's queue time, its compute time, the errors it answered."""
+    """What the batcher tells of its work (statistics are kept there, never here)."""
+
+    def queue_full(self) -> None:
+        """A request was refused at once: the queue was full."""
+
+    def deadline_passed(self) -> None:
+        """A queued request was dropped: its deadline passed."""
+
+    def batch(self, units: int, queue_times: list[float], compute_s: float, phases: tuple[float, float, float],
+              errors: list[BaseException]) -> None:
+        """One execution: its units, each request's queue time, its compute time and phases (input, infer,
+        output: what `execute` reported as `.phases`, else all of it as infer), the errors it answered."""
 
     def request(self, total_s: float, queue_s: float, phases: tuple[float, float, float]) -> None:
-        """One request answered successfully: submit to answer, its queue time, its share of compute phases."""
+        """One request answered successfully: submit to answer, its queue time (its first chunk's), and the
+        sum of its chunks' phases."""
 
 
 class BatchTracer(Protocol):
@@ -152,7 +119,6 @@ class DynamicBatcher:
         self._waiting = 0            # submitted and not yet answered
         self._overlap_seen = -math.inf  # when two requests were last in the batcher at once
         self.name = name
-        self.stats = BatchStats()
         self._queues: list[collections.deque[_Pending]] = [collections.deque() for _ in range(self.priority_levels)]
         self._queued = 0
         self._arrival: asyncio.Event | None = None
@@ -213,7 +179,8 @@ class DynamicBatcher:
         limit = self.max_batch_size
         chunks = [payload] if size <= limit else [payload[i:i + limit] for i in range(0, size, limit)]
         if self._queued + len(chunks) > self.max_queue_size:
-            self.stats.rejected += 1
+            if self._observer:
+                self._observer.queue_full()
             raise QueueFull(f"{self.name}: queue is full ({self._queued} of {self.max_queue_size} requests waiting)")
         loop = asyncio.get_running_loop()
         now = time.monotonic()
@@ -226,7 +193,6 @@ class DynamicBatcher:
                     p.trace = trace
         self._queues[level - 1].extend(pending)
         self._queued += len(pending)
-        self.stats.requests += 1
         self._waiting += 1
         if self._waiting > 1:
             self._overlap_seen = now
@@ -245,19 +211,9 @@ class DynamicBatcher:
         return result
 
     def _count_success(self, pending: list[_Pending], total_s: float) -> None:
-        """One successful request's share of the statistics. A request split into chunks waited until its
-        first chunk started; its compute is that of all its chunks, scaled down where chunks ran side by
-        side on several instances, so that queue + compute never exceeds the request's own time."""
-        queued = min(p.queued_s for p in pending)
-        phases = tuple(sum(p.phases[i] for p in pending) for i in range(3))
-        compute = sum(phases)
-        scale = min(1.0, max(0.0, total_s - queued) / compute) if compute > 0 else 1.0
-        self.stats.succeeded += 1
-        self.stats.success_ns += int(total_s * 1e9)
-        self.stats.queue_ns += int(queued * 1e9)
-        self.stats.compute.add(phases, scale)
         if self._observer:
-            self._observer.request(total_s, queued, tuple(x * scale for x in phases))
+            phases = tuple(sum(p.phases[i] for p in pending) for i in range(3))
+            self._observer.request(total_s, min(p.queued_s for p in pending), phases)
 
     def _arm_sweep(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
         """One timer per batcher, at the earliest deadline in the queue: callers usually share a timeout,
@@ -289,7 +245,8 @@ class DynamicBatcher:
     def _drop_expired(self, p: _Pending, why: str) -> None:
         p.taken = True
         self._queued -= 1
-        self.stats.expired += 1
+        if self._observer:
+            self._observer.deadline_passed()
         if not p.future.done():
             p.future.set_exception(DeadlineExceeded(f"{self.name}: {why}"))
 
@@ -395,13 +352,8 @@ class DynamicBatcher:
             phases = getattr(results, "phases", None) or (0.0, compute, 0.0)
             errors = [r for r in results if isinstance(r, BaseException)]
             failed = len(errors)
-            self.stats.failures += failed
-            self.stats.executions += 1
-            self.stats.units += units
-            self.stats.batches.setdefault(units, PhaseTotals()).add(phases)
-            self.stats.last_inference_ms = int(time.time() * 1000)
             if self._observer:
-                self._observer.batch(units, queue_times, compute, errors)
+                self._observer.batch(units, queue_times, compute, phases, errors)
             if self._tracer is not None and any(p.trace is not None for p in batch):
                 to_ns, offset = 1e9, self._wall_offset_s
                 self._tracer.batch_ran(self.name, [p.trace for p in batch],

@@ -9,6 +9,7 @@ import os
 import sys
 
 from ..cli_support import DefaultsHelpFormatter, comma_list
+from ..engine.errors import StartRefused
 
 SERVER_EXTRA_HINT = "the server is not installed: pip install 'cnn-serving[server]'"
 
@@ -94,11 +95,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _server_options(args: argparse.Namespace):
+    from ..engine.runtime import RuntimeOptions
     from ..repository_format import BUNDLED_REPOSITORY
     from .access import ADMIN_TOKENS_ENV, INFERENCE_TOKENS_ENV, TlsFiles, read_tokens
     from .app import ServerOptions
     from .connections import ConnectionLimits
-    from .runtime import RuntimeOptions
     from .tracing import TraceConfig
     overrides = {k: v for k, v in {"max_batch_size": args.max_batch_size, "max_queue_delay_us": args.max_queue_delay_us,
                                    "instances": args.instances, "max_queue_size": args.max_queue_size,
@@ -139,8 +140,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         with asyncio.Runner(loop_factory=event_loop_factory(args.event_loop)) as runner:
             return runner.run(serve(_server_options(args)))
-    except (OSError, RuntimeError, ValueError) as e:  # a missing repository, a port in use, an unprotected start,
-        # a bad --trace-config, tracing without its extra: no traceback
+    except StartRefused as e:  # a missing repository, a port in use, an unprotected start, a bad --trace-config,
+        # tracing without its extra: one line, no traceback (anything else is a bug and shows its traceback)
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 
-from .errors import ShuttingDown
+from ..engine.errors import ShuttingDown
 
 SHUTTING_DOWN = "the server is shutting down; send the call to another replica"
 # After the last admitted call, the port stays open (refusing) until no call has come or ended for QUIET_S, for

@@ -31,10 +31,10 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 from google.protobuf.message import DecodeError
 
+from ..engine.errors import InvalidInput, ServingError, ShuttingDown
 from .access import Access, RefusalLog, Role
 from .api.status import status_of
 from .drain import STREAM_CUT, Admission
-from .errors import InvalidInput, ServingError, ShuttingDown
 from .metrics import Metrics
 from .tracing import Tracing, call_span
 

@@ -25,7 +25,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from .errors import InvalidInput
+from ..engine.errors import InvalidInput
 
 # No `_created` twin for every counter and histogram: it doubles the series and no dashboard reads it.
 disable_created_metrics()
@@ -92,8 +92,8 @@ class Metrics:
         self._runner: web.AppRunner | None = None
         self.port = 0
 
-    def observer(self, model: str, version: int) -> VersionMetrics:
-        """The batch observer for the batcher of one model version."""
+    def series(self, model: str, version: int) -> VersionMetrics:
+        """The series of one model version, fed by its statistics (`statistics.SeriesSink`)."""
         return VersionMetrics(self, model, str(version))
 
     async def serve(self, port: int, host: str = "127.0.0.1") -> None:

@@ -1,4 +1,4 @@
-"""One loaded model version: its spec, onnxruntime sessions, batch execution and the batcher in front.
+"""One served model version: what the engine loaded (`engine.loading`), the batcher in front and its statistics.
 
 Both APIs (classifier.v1 and KServe v2) submit `InferenceRequest`s to the same batcher through
 `ModelVersion.infer`, which is also the boundary where a failure that is not one of `errors` (a bug) is
@@ -14,21 +14,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..repository_format import (
-    CAM_WEIGHTS_FILE,
-    MODEL_FILE,
-    BatchingOptions,
-    ModelSpec,
-    VersionMetadata,
-    class_count,
-    read_metadata,
-    version_file,
-)
-from .batcher import BatchObserver, BatchTracer, DynamicBatcher
-from .errors import CamUnsupported, InternalError, InvalidInput, ServingError
-from .execution import BatchExecution
-from .inference import InferenceRequest, InferenceResult
-from .runtime import OrtSessions, RuntimeOptions
+from ..engine.errors import CamUnsupported, InternalError, InvalidInput, ServingError
+from ..engine.execution import BatchExecution
+from ..engine.inference import InferenceRequest, InferenceResult
+from ..engine.loading import load_execution
+from ..engine.runtime import OrtSessions, RuntimeOptions
+from ..repository_format import BatchingOptions, ModelSpec, VersionMetadata
+from .batcher import BatchTracer, DynamicBatcher
+from .statistics import SeriesSink, VersionStatistics
 from .tracing import set_call_attributes
 
 log = logging.getLogger("serving.model")
@@ -42,6 +35,7 @@ class ModelVersion:
     batcher: DynamicBatcher
     metadata: VersionMetadata = field(default_factory=VersionMetadata)
     cam_unsupported_reason: str = ""  # why the version cannot explain ("" when it can)
+    stats: VersionStatistics = field(default_factory=VersionStatistics)  # what its batcher reported
 
     @property
     def name(self) -> str:
@@ -76,56 +70,20 @@ class ModelVersion:
                                 "the server log has the details") from e
 
 
-@dataclass
-class LoadedVersion:
-    """A version's sessions and batch execution, checked against its config and warmed up: what a server
-    puts a batcher in front of, and what a batch job's worker calls directly."""
-    execution: BatchExecution
-    metadata: VersionMetadata
-    cam_unsupported_reason: str  # why the version cannot explain ("" when it can)
-
-    @property
-    def sessions(self) -> OrtSessions:
-        return self.execution.sessions
-
-
-def load_execution(spec: ModelSpec, version: int, options: RuntimeOptions | None = None,
-                   instances: int | None = None, max_batch_size: int | None = None) -> LoadedVersion:
-    """Create sessions (one per instance, the config's count unless given), read CAM weights and
-    metadata, check the graph against the config, and warm up for batches up to the config's
-    max_batch_size (or the given one, for a caller that forms its own batches)."""
-    outputs = [spec.logits_output] + ([spec.features_output] if spec.features_output else [])
-    b = spec.batching
-    # Every file through version_file: a version directory or file linked to outside the model is refused
-    # (ConfigError) before anything is read.
-    model_path, cam_path = (version_file(spec.directory, version, f) for f in (MODEL_FILE, CAM_WEIGHTS_FILE))
-    metadata = read_metadata(spec.directory, version)
-    sessions = OrtSessions(model_path, spec.input_name, outputs, instances or b.instances, options)
-    pre = spec.preprocessing
-    _check_shapes(sessions, spec)
-    cam_weights, cam_unsupported_reason = None, metadata.cam_unsupported_reason
-    if spec.features_output and cam_path.exists():
-        cam_weights = np.load(cam_path).astype(np.float32)
-        cam_unsupported_reason = ""
-    elif not cam_unsupported_reason:
-        cam_unsupported_reason = "the repository has no CAM weights for this version"
-    sessions.warm_up((pre.channels, pre.height, pre.width), max_batch_size or b.max_batch_size)
-    return LoadedVersion(BatchExecution(spec, sessions, cam_weights), metadata, cam_unsupported_reason)
-
-
 def load_version(spec: ModelSpec, version: int, options: RuntimeOptions | None = None,
-                 observer: BatchObserver | None = None, tracer: BatchTracer | None = None) -> ModelVersion:
-    """The loaded version with a batcher (not yet started) in front."""
+                 series: SeriesSink | None = None, tracer: BatchTracer | None = None) -> ModelVersion:
+    """The loaded version with a batcher (not yet started) in front; its statistics feed `series` too."""
     loaded = load_execution(spec, version, options)
     execution, b, pre = loaded.execution, spec.batching, spec.preprocessing
+    stats = VersionStatistics(series=series)
     batcher = DynamicBatcher(
         execution.execute, max_batch_size=b.max_batch_size, max_queue_delay_s=b.max_queue_delay_us / 1e6,
         preferred_batch_sizes=b.preferred_batch_sizes, max_queue_size=b.max_queue_size,
         priority_levels=b.priority_levels, default_priority=b.default_priority, instances=b.instances,
-        combine=b.combine_requests, merge=InferenceResult.concat, observer=observer, tracer=tracer,
+        combine=b.combine_requests, merge=InferenceResult.concat, observer=stats, tracer=tracer,
         inline_max_units=_inline_units(loaded.sessions, (pre.channels, pre.height, pre.width), b),
         name=f"{spec.name}:{version}")
-    return ModelVersion(spec, version, execution, batcher, loaded.metadata, loaded.cam_unsupported_reason)
+    return ModelVersion(spec, version, execution, batcher, loaded.metadata, loaded.cam_unsupported_reason, stats)
 
 
 def _inline_units(sessions: OrtSessions, shape: tuple[int, ...], b: BatchingOptions) -> int:
@@ -149,22 +107,3 @@ def _inline_units(sessions: OrtSessions, shape: tuple[int, ...], b: BatchingOpti
         return 0
     per_image = max(timed(b.max_batch_size, 3) / b.max_batch_size, 1e-9)
     return int(min(b.max_batch_size, max(1, budget / per_image)))
-
-
-def _check_shapes(sessions: OrtSessions, spec: ModelSpec) -> None:
-    """Refuse a model file whose graph disagrees with its config (a wrong file in a version directory)."""
-    session = sessions.sessions[0]
-    inputs = {i.name: i for i in session.get_inputs()}
-    if spec.input_name not in inputs:
-        raise ValueError(f"model has no input {spec.input_name!r} (it has {', '.join(inputs)})")
-    shape = inputs[spec.input_name].shape
-    want = [spec.preprocessing.channels, spec.preprocessing.height, spec.preprocessing.width]
-    if len(shape) != 4 or [d if isinstance(d, int) else None for d in shape[1:]] != want:
-        raise ValueError(f"model input shape {shape} does not match the config's [-1, {want}]")
-    outputs = {o.name: o for o in session.get_outputs()}
-    for name in [spec.logits_output] + ([spec.features_output] if spec.features_output else []):
-        if name not in outputs:
-            raise ValueError(f"model has no output {name!r} (it has {', '.join(outputs)})")
-    logits = outputs[spec.logits_output].shape[-1]
-    if isinstance(logits, int) and class_count(logits) != spec.num_classes:
-        raise ValueError(f"model gives {logits} logits but labels.txt lists {spec.num_classes} classes")

@@ -17,8 +17,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..engine.errors import InvalidInput, ModelNotFound, ModelNotReady, StartRefused, shown
+from ..engine.loading import model_names
+from ..engine.runtime import RuntimeOptions
 from ..repository_format import (
-    CONFIG_FILE,
     MODEL_FILE,
     BatchingOptions,
     ConfigError,
@@ -27,9 +29,7 @@ from ..repository_format import (
     load_spec,
     select_versions,
 )
-from .errors import InvalidInput, ModelNotFound, ModelNotReady, shown
 from .model import ModelVersion, load_version
-from .runtime import RuntimeOptions
 
 log = logging.getLogger("serving.repository")
 
@@ -53,14 +53,14 @@ def _stamp(path: Path) -> tuple[int, int]:
 class ModelRepository:
     def __init__(self, root: str | os.PathLike, runtime_options: RuntimeOptions | None = None,
                  batching_defaults: BatchingOptions | None = None, batching_overrides: dict | None = None,
-                 observer_factory=None, tracer=None):
+                 series_factory=None, tracer=None):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"model repository {self.root} is not a directory")
+            raise StartRefused(f"model repository {self.root} is not a directory")
         self.runtime_options = runtime_options or RuntimeOptions()
         self.batching_defaults = batching_defaults or BatchingOptions()
         self.batching_overrides = batching_overrides or {}
-        self._observer_factory = observer_factory  # (model, version) -> batch observer, for metrics
+        self._series_factory = series_factory  # (model, version) -> its Prometheus series (statistics.SeriesSink)
         self._tracer = tracer  # the batchers' tracer hook (spans of queue waits and batches)
         self._ready: dict[str, dict[int, ModelVersion]] = {}
         self._status: dict[tuple[str, int], VersionStatus] = {}
@@ -76,7 +76,7 @@ class ModelRepository:
     # -- queries ---------------------------------------------------------------------------------------
     def model_names(self) -> list[str]:
         """Every model directory in the repository, loaded or not, read from disk now (and remembered)."""
-        self._names = sorted(p.name for p in self.root.iterdir() if p.is_dir() and (p / CONFIG_FILE).exists())
+        self._names = model_names(self.root)
         return self._names
 
     def readiness(self) -> tuple[bool, str]:
@@ -121,11 +121,10 @@ class ModelRepository:
         if not name and self.default_model:  # `serve --default-model`: the one a request without a name gets
             name = self.default_model
         if not name:
-            names = self._names
-            if len(names) != 1:
-                raise InvalidInput(f"request names no model; choose one of: {', '.join(names)} (or start the "
+            if len(self._names) != 1:
+                raise InvalidInput(f"request names no model; choose one of: {', '.join(self._names)} (or start the "
                                    f"server with --default-model)")
-            name = names[0]
+            name = self._names[0]
         if version < 0:
             raise InvalidInput(f"version {version} is negative; use 0 for the latest")
         return self.get(name, version)
@@ -222,15 +221,16 @@ class ModelRepository:
     async def _load_version(self, spec: ModelSpec, version: int, stamp: tuple) -> None:
         key = (spec.name, version)
         self._status[key] = VersionStatus(spec.name, version, LOADING, stamp=stamp)
-        observer = self._observer_factory(spec.name, version) if self._observer_factory else None
+        series = self._series_factory(spec.name, version) if self._series_factory else None
         try:
-            mv = await asyncio.to_thread(load_version, spec, version, self.runtime_options, observer,
+            mv = await asyncio.to_thread(load_version, spec, version, self.runtime_options, series,
                                     self._tracer)
             await mv.batcher.start()
         except Exception as e:  # noqa: BLE001 - any failure leaves the serving versions untouched
             reason = f"{type(e).__name__}: {e}".splitlines()[0][:500]
             self._status[key] = VersionStatus(spec.name, version, UNAVAILABLE, reason, stamp)
-            log.error("model %s version %d failed to load: %s", spec.name, version, reason)
+            # The one line says why; the traceback under it says where (a bug in a model file or in the server).
+            log.error("model %s version %d failed to load: %s", spec.name, version, reason, exc_info=e)
             return
         self._ready.setdefault(spec.name, {})[version] = mv
         self._status[key] = VersionStatus(spec.name, version, READY, stamp=stamp)

@@ -29,6 +29,8 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from ..engine.errors import StartRefused
+
 TRACE_EXTRA_HINT = "tracing needs the OpenTelemetry SDK: pip install 'cnn-serving[trace]'"
 DEFAULT_SERVICE_NAME = "cnn-serving"
 PHASES = ("preprocess", "run", "postprocess")  # of a batch: decode and resize, onnxruntime, softmax/ranking/CAM
@@ -56,22 +58,22 @@ class TraceConfig:
             key, sep, value = setting.partition("=")
             key = key.strip().lower().removeprefix("opentelemetry,")
             if not sep:
-                raise ValueError(f"--trace-config {setting!r}: use key=value (level, rate, mode or url)")
+                raise StartRefused(f"--trace-config {setting!r}: use key=value (level, rate, mode or url)")
             if key == "level":
                 if value.upper() not in LEVELS:
-                    raise ValueError(f"--trace-config level={value}: choose OFF or TIMESTAMPS")
+                    raise StartRefused(f"--trace-config level={value}: choose OFF or TIMESTAMPS")
                 config.enabled = value.upper() != "OFF"
             elif key == "rate":
                 if not value.isdigit() or int(value) < 1:
-                    raise ValueError(f"--trace-config rate={value}: one request in N is traced, N >= 1")
+                    raise StartRefused(f"--trace-config rate={value}: one request in N is traced, N >= 1")
                 config.rate = int(value)
             elif key == "mode":
                 if value.lower() != "opentelemetry":
-                    raise ValueError(f"--trace-config mode={value}: only opentelemetry is served")
+                    raise StartRefused(f"--trace-config mode={value}: only opentelemetry is served")
             elif key == "url":
                 config.endpoint = value
             else:
-                raise ValueError(f"--trace-config {key}: unknown (level, rate, mode, url)")
+                raise StartRefused(f"--trace-config {key}: unknown (level, rate, mode, url)")
         return config
 
 
@@ -85,7 +87,7 @@ def _sampler_from_environment() -> tuple[float, bool]:
     ratios = {"always_on": 1.0, "always_off": 0.0, "traceidratio": min(max(arg, 0.0), 1.0)}
     base = name.removeprefix("parentbased_")
     if base not in ratios:
-        raise ValueError(f"OTEL_TRACES_SAMPLER={name}: served are always_on, always_off, traceidratio and their "
+        raise StartRefused(f"OTEL_TRACES_SAMPLER={name}: served are always_on, always_off, traceidratio and their "
                          "parentbased_ forms")
     return ratios[base], name.startswith("parentbased_")
 
@@ -265,7 +267,7 @@ def _make_provider(endpoint: str):
         from opentelemetry.sdk.trace.sampling import ALWAYS_ON
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
     except ImportError as e:
-        raise RuntimeError(f"{TRACE_EXTRA_HINT} ({e})") from None
+        raise StartRefused(f"{TRACE_EXTRA_HINT} ({e})") from None
     _PROPAGATOR = TraceContextTextMapPropagator()
     global get_current_span, SpanContext, ReadableSpan, Link, Status, StatusCode, SpanKind, _SAMPLED, _UNSET
     from opentelemetry.sdk.trace import ReadableSpan
@@ -281,7 +283,7 @@ def _make_provider(endpoint: str):
         try:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         except ImportError as e:
-            raise RuntimeError(f"{TRACE_EXTRA_HINT} ({e})") from None
+            raise StartRefused(f"{TRACE_EXTRA_HINT} ({e})") from None
         try:  # the same exporter with a faster encoder, built on the exporter's internal helpers
             from .span_encoding import FastOTLPSpanExporter as OTLPSpanExporter  # noqa: F811
         except ImportError:  # an exporter release that moved them: its own encoder then
@@ -294,7 +296,7 @@ def _make_provider(endpoint: str):
     elif exporter_name == "none":
         processors = []
     else:
-        raise RuntimeError(f"OTEL_TRACES_EXPORTER={exporter_name}: served are otlp, console and none")
+        raise StartRefused(f"OTEL_TRACES_EXPORTER={exporter_name}: served are otlp, console and none")
     for processor in processors:
         provider.add_span_processor(processor)
     return provider, processors

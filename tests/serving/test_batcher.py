@@ -6,8 +6,9 @@ import time
 
 import pytest
 
+from serving.engine.errors import DeadlineExceeded, QueueFull
 from serving.server.batcher import DynamicBatcher
-from serving.server.errors import DeadlineExceeded, QueueFull
+from serving.server.statistics import VersionStatistics
 
 
 class Recorder:
@@ -33,11 +34,12 @@ def test_concurrent_requests_are_batched_and_answered_in_order():
     rec = Recorder(delay_s=0.02)
 
     async def main():
-        b = DynamicBatcher(rec, max_batch_size=8)
+        stats = VersionStatistics()
+        b = DynamicBatcher(rec, max_batch_size=8, observer=stats)
         await b.start()
         results = await asyncio.gather(*(b.submit([i]) for i in range(20)))
         await b.stop()
-        return results, b.stats
+        return results, stats
 
     results, stats = run(main())
     assert results == [[2 * i] for i in range(20)]
@@ -80,7 +82,8 @@ def test_queue_full_is_rejected_at_once():
     rec = Recorder(gate=gate)
 
     async def main():
-        b = DynamicBatcher(rec, max_batch_size=1, max_queue_size=3)
+        stats = VersionStatistics()
+        b = DynamicBatcher(rec, max_batch_size=1, max_queue_size=3, observer=stats)
         await b.start()
         running = asyncio.create_task(b.submit([0]))  # taken by the worker, blocked on the gate
         await asyncio.sleep(0.05)
@@ -91,7 +94,7 @@ def test_queue_full_is_rejected_at_once():
         gate.set()
         await asyncio.gather(running, *queued)
         await b.stop()
-        return b.stats.rejected
+        return stats.rejected
 
     assert run(main()) == 1
 

@@ -20,8 +20,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.client import AsyncClassifierClient, ClassifierClient
+from serving.engine.errors import ShuttingDown
 from serving.server.drain import STREAM_CUT, Admission
-from serving.server.errors import ShuttingDown
 from serving.wire.inference import grpc_service_pb2 as kserve_pb
 from serving.wire.inference import grpc_service_pb2_grpc as kserve_grpc
 from tests.conftest import running_server

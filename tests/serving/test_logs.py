@@ -11,7 +11,7 @@ import logging
 import grpc
 import pytest
 
-from serving.server import runtime
+from serving.engine import runtime
 from serving.server.logs import CONTROL
 from serving.server.tracing import TraceConfig
 from serving.wire.classifier.v1 import classifier_pb2 as cpb

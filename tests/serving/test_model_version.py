@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from serving.engine.errors import InvalidInput
+from serving.engine.inference import InferenceRequest, RawTensor
 from serving.repository_format import load_spec
-from serving.server.errors import InvalidInput
-from serving.server.inference import InferenceRequest, RawTensor
 from serving.server.model import load_version
 
 
@@ -43,7 +43,7 @@ def test_whole_batch_decoded_at_once_equals_one_by_one(version):
 def test_default_queue_timeout_of_the_config_applies_to_requests_without_one(small_repo):
     import asyncio
 
-    from serving.server.errors import DeadlineExceeded
+    from serving.engine.errors import DeadlineExceeded
 
     mv = load_version(load_spec(small_repo / "fmnist"), 1)
     mv.spec.batching.default_timeout_us = 1  # expires before any batch can take it

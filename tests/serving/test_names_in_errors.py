@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 import pytest
 
-from serving.server.errors import SHOWN_NAME_CHARS, shown
+from serving.engine.errors import SHOWN_NAME_CHARS, shown
 from serving.wire.classifier.v1 import classifier_pb2 as cpb
 from serving.wire.classifier.v1 import classifier_pb2_grpc as cpb_grpc
 from serving.wire.inference import grpc_service_pb2 as kpb

@@ -33,7 +33,7 @@ def test_thousand_requests_against_a_queue_of_64(small_repo):
 
     with running_server(small_repo, batching_overrides={"max_queue_size": 64, "max_batch_size": 8}) as server:
         outcome = asyncio.run(flood(server.address))
-        stats = server.server.repository.get("fmnist").batcher.stats
+        stats = server.server.repository.get("fmnist").stats
     assert sum(outcome.values()) == 1000
     assert set(outcome) <= {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}, outcome
     assert outcome["OK"] > 0 and outcome["RESOURCE_EXHAUSTED"] > 0, outcome

@@ -21,6 +21,9 @@ pa = pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402
 
 from serving.__main__ import main  # noqa: E402
+from serving.engine.inference import InferenceRequest, RawTensor  # noqa: E402
+from serving.engine.loading import load_execution  # noqa: E402
+from serving.engine.runtime import RuntimeOptions  # noqa: E402
 from serving.jobs import ray_engine  # noqa: E402
 from serving.jobs.sources import Source  # noqa: E402
 from tests.conftest import LABELS, export_small, ramp_images  # noqa: E402
@@ -139,19 +142,18 @@ def test_an_output_of_another_model_is_refused_before_ray_starts_and_fresh_start
     assert len(_rows(out)) == N_IMAGES
 
 
-def test_an_actor_takes_pixels_at_the_model_size_whole_and_resizes_others_as_a_server_does(small_repo, dataset):
-    from serving.server.preprocess import to_model_input
+def test_an_actor_classifies_pixels_at_the_model_size_and_resizes_others_as_a_server_does(small_repo, dataset):
     images, _ = dataset
     spec, version = ray_engine.choose_model(Path(small_repo), "")
     actor = ray_engine.Classifier(str(Path(small_repo).resolve()), spec.name, version, top_k=3, threads=1,
                                   device="cpu", batch_size=16)
-    wire = [ray_engine._wire_image(image) for image in images[:16]]
-    ready = actor._model_inputs(images, 0, 16)  # one array, without a tensor per image
-    assert isinstance(ready, np.ndarray)
-    np.testing.assert_array_equal(ready, to_model_input(wire, spec.preprocessing))
+    at_size = actor({"position": np.arange(16), "pixels": images[:16]})
+    loaded = load_execution(spec, version, RuntimeOptions(device="cpu"), instances=1)
+    one_by_one = loaded.execution.execute([InferenceRequest([RawTensor(im.shape, "uint8", im.tobytes())])
+                                           for im in images[:16]])
+    np.testing.assert_array_equal(at_size["top_index"], np.concatenate([r.ranking[:, :3] for r in one_by_one]))
 
     doubled = np.repeat(np.repeat(images[:20], 2, axis=1), 2, axis=2)  # 56x56: resized, image by image
-    assert isinstance(actor._model_inputs(doubled, 0, 20), list)
     out = actor({"position": np.arange(20), "pixels": doubled})
     assert (out["error_status"] == "").all() and out["top_index"].shape == (20, 3)
     assert (out["top_score"][:, 0] >= out["top_score"][:, 1]).all()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from serving.client import ClassifierClient
-from serving.server.inference import InferenceRequest
+from serving.engine.inference import MODEL_INPUT_BATCH, ImageBatch, InferenceRequest
 from serving.server.repository import READY, UNAVAILABLE, ModelRepository
 from tests.conftest import export_small, running_server
 
@@ -74,7 +74,8 @@ def test_memory_is_released_over_load_unload_cycles(tmp_path):
         sizes = []
         for _ in range(n):
             await repo.load("fmnist")
-            result = await repo.get("fmnist").infer(InferenceRequest(np.zeros((4, 1, 28, 28), np.float32)))
+            zeros = ImageBatch((4, 1, 28, 28), "float32", np.zeros((4, 1, 28, 28), np.float32), MODEL_INPUT_BATCH)
+            result = await repo.get("fmnist").infer(InferenceRequest(zeros))
             assert result.logits.shape == (4, 10)
             await repo.unload("fmnist")
             sizes.append(rss_mb())

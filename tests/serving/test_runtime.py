@@ -4,8 +4,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from serving.server import runtime
-from serving.server.runtime import OrtSessions, RuntimeOptions, choose_providers
+from serving.engine import runtime
+from serving.engine.runtime import OrtSessions, RuntimeOptions, choose_providers
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_provider_reported_is_the_one_the_session_got(model_file, caplog):
 
 def test_bucketed_binding_pads_to_its_bucket_and_matches_plain_runs(model_file):
     """The CUDA-graph runner's logic (buffers bound once per bucket, padding, slicing back), on the CPU."""
-    from serving.server.runtime import BucketedBinding, batch_buckets
+    from serving.engine.runtime import BucketedBinding, batch_buckets
 
     assert batch_buckets(12) == [1, 2, 4, 8, 12] and batch_buckets(1) == [1]
     model = OrtSessions(model_file, "input", ["logits", "features"], options=RuntimeOptions(device="cpu"))

@@ -16,9 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving.__main__ import main
 from serving.client import AsyncClassifierClient, ClassifierClient, Tls
 from serving.client.connection import TOKEN_ENV
+from serving.engine.errors import PermissionDenied, Unauthenticated
 from serving.server.access import Access, Role, StartRefused, TlsFiles, TokenCheck, check_exposure, is_loopback, read_tokens
 from serving.server.app import InferenceServer, ServerOptions
-from serving.server.errors import PermissionDenied, Unauthenticated
 from serving.server.handlers import required_role
 from serving.wire.classifier.v1 import classifier_pb2
 from serving.wire.inference import grpc_service_pb2

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from serving.client import ClassifierClient
-from serving.server.api.status import status_of
-from serving.server.errors import (
+from serving.engine.errors import (
     BatcherStopped,
     CamUnsupported,
     DeadlineExceeded,
@@ -22,6 +21,7 @@ from serving.server.errors import (
     ShuttingDown,
     Unauthenticated,
 )
+from serving.server.api.status import status_of
 from tests.conftest import running_server
 
 

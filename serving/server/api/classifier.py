@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import asyncio
 
+from ...engine import cam
+from ...engine.errors import InvalidInput
+from ...engine.inference import (
+    MAX_IMAGES_PER_REQUEST,
+    MODEL_INPUT,
+    PIXELS,
+    InferenceRequest,
+    InferenceResult,
+    RawTensor,
+    WireImage,
+)
 from ...repository_format import PLATFORM
 from ...wire.classifier.v1 import classifier_pb2 as pb
 from ...wire.classifier.v1 import classifier_pb2_grpc as pb_grpc
-from ..cam import overlay_png
-from ..errors import InvalidInput
-from ..inference import MAX_IMAGES_PER_REQUEST, InferenceRequest, InferenceResult, RawTensor, WireImage
 from ..model import ModelVersion
-from ..preprocess import input_image_uint8
 from ..repository import ModelRepository
-from .status import remaining_time, status_of, status_on_error
+from .status import remaining_time, status_of
 from .streaming import STREAM_WINDOW, answer_in_order
 
 DEFAULT_TOP_K = 5
@@ -22,9 +29,7 @@ DEFAULT_TOP_K = 5
 def inference_request(images, cam: bool = False, target_class: int | None = None,
                       keep_inputs: bool = False) -> InferenceRequest:
     """The wire images of a Classify or Explain request, as the typed request the batcher queues."""
-    if not images:
-        raise InvalidInput("request holds no images")
-    if len(images) > MAX_IMAGES_PER_REQUEST:
+    if len(images) > MAX_IMAGES_PER_REQUEST:  # before a list of that many is built (the request checks it too)
         raise InvalidInput(f"{len(images)} images in one request; the limit is {MAX_IMAGES_PER_REQUEST}")
     decoded: list[WireImage] = []
     for i, img in enumerate(images):
@@ -33,7 +38,8 @@ def inference_request(images, cam: bool = False, target_class: int | None = None
             decoded.append(img.encoded)
         elif kind == "tensor":
             t = img.tensor
-            decoded.append(RawTensor(tuple(t.shape), t.dtype, t.data))
+            # classifier.v1's uint8 tensors are pictures (HWC); its float tensors are the model input (CHW).
+            decoded.append(RawTensor(tuple(t.shape), t.dtype, t.data, PIXELS if t.dtype == "uint8" else MODEL_INPUT))
         else:
             raise InvalidInput(f"image {i} is empty: set `encoded` (PNG/JPEG bytes) or `tensor`")
     return InferenceRequest(decoded, cam, target_class, keep_inputs)
@@ -63,7 +69,6 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         result = await mv.infer(inference, timeout_s=timeout_s)
         return classify_response(mv, result, request.top_k or DEFAULT_TOP_K)
 
-    @status_on_error
     async def Classify(self, request, context):
         return await self._classify(request, remaining_time(context))
 
@@ -77,13 +82,13 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             else:
                 yield pb.StreamClassifyResponse(request_id=msg.request_id, response=outcome)
 
-    @status_on_error
     async def Explain(self, request, context):
         target = request.target_class if request.HasField("target_class") else None
         inference = inference_request(request.images, cam=True, target_class=target, keep_inputs=request.overlay)
         mv = self.repo.resolve(request.model, request.version)
         result = await mv.infer(inference, timeout_s=remaining_time(context))
-        overlays = await asyncio.to_thread(_overlays, result) if request.overlay else [b""] * len(inference)
+        overlays = (await asyncio.to_thread(cam.overlays, result.inputs, result.cams) if request.overlay
+                    else [b""] * len(inference))
         h, w = result.cams.shape[1:]
         explanations = []
         for i, cls in enumerate(result.target_classes.tolist()):
@@ -99,7 +104,6 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             models.append(pb.ModelSummary(name=name, versions=self.repo.ready_versions(name), platform=PLATFORM))
         return pb.ListModelsResponse(models=models)
 
-    @status_on_error
     async def GetModel(self, request, context):
         mv = self.repo.resolve(request.model, request.version)
         pre = mv.spec.preprocessing
@@ -115,8 +119,4 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             metrics=metrics, execution_provider=mv.sessions.provider, supports_cam=mv.supports_cam,
             cam_unsupported_reason=mv.cam_unsupported_reason, max_batch_size=mv.spec.batching.max_batch_size,
             architecture=mv.spec.architecture, parameters=int(mv.metadata.parameters))
-
-
-def _overlays(result: InferenceResult) -> list[bytes]:
-    return [overlay_png(input_image_uint8(x), heat) for x, heat in zip(result.inputs, result.cams)]
 

@@ -10,13 +10,13 @@ from importlib import metadata as package_metadata
 
 import grpc
 
+from ....engine.errors import InvalidInput, ModelNotFound, ModelNotReady, shown
 from ....wire.inference import grpc_service_pb2 as pb
 from ....wire.inference import grpc_service_pb2_grpc as pb_grpc
-from ...errors import InvalidInput, ModelNotFound, ModelNotReady, shown
 from ...logs import CONTROL, LogControl
 from ...repository import READY, UNAVAILABLE, ModelRepository
 from ...tracing import Tracing
-from ..status import remaining_time, status_of, status_on_error
+from ..status import remaining_time, status_of
 from ..streaming import STREAM_WINDOW, answer_in_order
 from .metadata import model_metadata, served_config
 from .settings import log_settings, trace_setting
@@ -70,7 +70,6 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=self.readiness()[0])
 
-    @status_on_error
     async def ModelReady(self, request, context):
         version = parse_version(request.version)
         try:
@@ -83,12 +82,10 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=_server_version(), extensions=EXTENSIONS)
 
-    @status_on_error
     async def ModelMetadata(self, request, context):
         mv = self.repo.get(request.name, parse_version(request.version))
         return model_metadata(mv, self.repo.ready_versions(mv.name))
 
-    @status_on_error
     async def ModelConfig(self, request, context):
         mv = self.repo.get(request.name, parse_version(request.version))
         return pb.ModelConfigResponse(config=served_config(mv))
@@ -105,7 +102,6 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         result = await mv.infer(inference, priority=priority or None, timeout_s=_timeout_s(request, context))
         return build_response(request, mv, result, outputs)
 
-    @status_on_error
     async def ModelInfer(self, request, context):
         return await self._infer(request, context)
 
@@ -123,7 +119,6 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
                 yield pb.ModelStreamInferResponse(infer_response=outcome)
 
     # -- statistics ------------------------------------------------------------------------------------------
-    @status_on_error
     async def ModelStatistics(self, request, context):
         if request.name:
             version = parse_version(request.version)
@@ -137,7 +132,6 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelStatisticsResponse(model_stats=[model_statistics(mv) for mv in versions])
 
     # -- repository ------------------------------------------------------------------------------------------
-    @status_on_error
     async def RepositoryIndex(self, request, context):
         models = []
         names = sorted(set(self.repo.model_names()) | {s.name for s in self.repo.statuses()})
@@ -155,7 +149,6 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
                                                                     reason=s.reason or self.repo.model_error(name)))
         return pb.RepositoryIndexResponse(models=models)
 
-    @status_on_error
     async def RepositoryModelLoad(self, request, context):
         if request.parameters:
             raise InvalidInput(f"load parameters ({', '.join(sorted(request.parameters))}) are not supported: "
@@ -168,7 +161,6 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         self.repo.get(name)  # fails with the reason when no version could be loaded
         return pb.RepositoryModelLoadResponse()
 
-    @status_on_error
     async def RepositoryModelUnload(self, request, context):
         await self.repo.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
@@ -194,11 +186,9 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
 
 
     # -- trace and log settings (admin) ----------------------------------------------------------------------
-    @status_on_error
     async def TraceSetting(self, request, context):
         return trace_setting(self.tracing, request)
 
-    @status_on_error
     async def LogSettings(self, request, context):
         return log_settings(self.logs, request)
 

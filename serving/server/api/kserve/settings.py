@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 
+from ....engine.errors import InvalidInput, NotInstalled
 from ....wire.inference import grpc_service_pb2 as pb
-from ...errors import InvalidInput, NotInstalled
 from ...logs import LogControl
 from ...tracing import LEVELS, Tracing
 

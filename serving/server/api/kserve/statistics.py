@@ -1,4 +1,4 @@
-"""ModelStatistics in Triton's terms, from the batcher's counters.
+"""ModelStatistics in Triton's terms, from a version's counters (`server/statistics.py`).
 
 `inference_stats` counts once per successful request for each of success, queue, compute_input,
 compute_infer and compute_output (a request's compute phases are those of the batch it ran in), so the
@@ -9,8 +9,8 @@ size, each with its own three phases; their counts add up to `execution_count`. 
 from __future__ import annotations
 
 from ....wire.inference import grpc_service_pb2 as pb
-from ...batcher import PhaseTotals
 from ...model import ModelVersion
+from ...statistics import PhaseTotals
 
 
 def _phases(totals: PhaseTotals) -> dict[str, pb.StatisticDuration]:
@@ -21,7 +21,7 @@ def _phases(totals: PhaseTotals) -> dict[str, pb.StatisticDuration]:
 
 
 def model_statistics(mv: ModelVersion) -> pb.ModelStatistics:
-    s = mv.batcher.stats
+    s = mv.stats
     d = pb.StatisticDuration
     stats = pb.InferStatistics(success=d(count=s.succeeded, ns=s.success_ns),
                                fail=d(count=s.failures + s.expired + s.rejected),

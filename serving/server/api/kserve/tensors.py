@@ -3,29 +3,32 @@ request parameters, Triton's BYTES layout and classification strings.
 
 Inputs: one tensor named like the model input, FP32 / FP16 / UINT8 [N, C, H, W] (UINT8 pixels are scaled
 by 1/255) or BYTES [N] holding encoded PNG/JPEG images (decoded and resized like classifier.v1), given in
-`raw_input_contents` or in typed `contents`. Float inputs go to the model as sent, NaN and infinities
-included, as Triton does (the model's answer is then NaN, never a guess). Outputs: `logits`, `features`,
-`probabilities` and `cam` ([N, H, W]), always in `raw_output_contents`, which is where Triton's clients
-read numeric data. The `classification`
-parameter of a requested output turns it into BYTES top-k strings "score:index:label", as Triton does.
+`raw_input_contents` or in typed `contents`. Nothing is converted here: the tensor's bytes travel to the
+batch worker as an `ImageBatch`, where the engine checks and converts them with every other input. Float
+inputs go to the model as sent, NaN and infinities included, as Triton does (the model's answer is then
+NaN, never a guess). Outputs: `logits`, `features`, `probabilities` and `cam` ([N, H, W]), always in
+`raw_output_contents`, which is where Triton's clients read numeric data. The `classification` parameter
+of a requested output turns it into BYTES top-k strings "score:index:label", as Triton does.
 """
 
 from __future__ import annotations
 
-import math
+import array
 import struct
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 
+from ....engine.errors import InvalidInput, shown
+from ....engine.inference import MODEL_INPUT_BATCH, ImageBatch, InferenceRequest, InferenceResult, element_count
 from ....wire.inference import grpc_service_pb2 as pb
-from ...errors import InvalidInput, shown
-from ...inference import MAX_IMAGES_PER_REQUEST, InferenceRequest, InferenceResult
 from ...model import ModelVersion
 from .metadata import CAM, PROBABILITIES, input_shape, output_specs
 
-# Little-endian numpy types of the accepted numeric input datatypes; FP16 has no typed contents field.
-_NUMERIC = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "UINT8": np.dtype("u1")}
+# KServe's names of the numeric input datatypes, as the engine names them (`engine/decode.DTYPES`, where
+# they are checked and converted); FP16 has no typed contents field.
+KSERVE_DTYPES = {"FP32": "float32", "FP16": "float16", "UINT8": "uint8"}
 _TYPED_FIELD = {"FP32": "fp32_contents", "UINT8": "uint_contents", "BYTES": "bytes_contents"}
 
 
@@ -87,11 +90,13 @@ def inference_request(request: pb.ModelInferRequest, mv: ModelVersion) -> tuple[
     if cam is not None:
         target_class = cam.target_class if cam.target_class is not None else int_param(request.parameters, "cam_class")
     features = any(o.name == mv.spec.features_output for o in outputs)
-    return InferenceRequest(images, cam=cam is not None, target_class=target_class, features=features), outputs
+    return InferenceRequest(images, cam=cam is not None, target_class=target_class, features=features,
+                            finite_only=False), outputs
 
 
-def input_images(request: pb.ModelInferRequest, mv: ModelVersion) -> np.ndarray | list[bytes]:
-    """The request's one input as a float32 [N, C, H, W] array, or as encoded images for preprocessing."""
+def input_images(request: pb.ModelInferRequest, mv: ModelVersion) -> ImageBatch | list[bytes]:
+    """The request's one input as wire-level images: one `ImageBatch` [N, C, H, W] of the tensor's bytes (the
+    batch worker checks and converts them, straight into its buffer), or the encoded images of a BYTES tensor."""
     spec = mv.spec
     if len(request.inputs) != 1:
         raise InvalidInput(f"model {spec.name} takes exactly one input ({spec.input_name!r}), "
@@ -108,46 +113,46 @@ def input_images(request: pb.ModelInferRequest, mv: ModelVersion) -> np.ndarray 
     shape = list(tensor.shape)
     if any(d < 0 for d in shape):
         raise InvalidInput(f"input {shown(tensor.name)} shape {shape} has a negative dimension")
-    count = math.prod(shape)  # exact, where numpy's product could overflow on a hostile shape
     dtype = tensor.datatype
     if dtype == "BYTES":
-        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or not shape[0]:
+        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
             raise InvalidInput(f"BYTES input {shown(tensor.name)} has shape {shape}; send [N] or [N, 1] encoded images")
         items = deserialize_bytes(raw) if raw is not None else list(tensor.contents.bytes_contents)
-        if len(items) != count:
-            raise InvalidInput(f"BYTES input {shown(tensor.name)} holds {len(items)} elements, shape {shape} needs {count}")
-        if count > MAX_IMAGES_PER_REQUEST:
-            raise InvalidInput(f"{count} images in one request; the limit is {MAX_IMAGES_PER_REQUEST}")
+        if len(items) != element_count(shape):
+            raise InvalidInput(f"BYTES input {shown(tensor.name)} holds {len(items)} elements, shape {shape} "
+                               f"needs {element_count(shape)}")
         return items
-    if dtype not in _NUMERIC:
+    if dtype not in KSERVE_DTYPES:
         raise InvalidInput(f"input {shown(tensor.name)} datatype {shown(dtype)} is not supported; "
                            "use FP32, FP16, UINT8 ([N, C, H, W]) or BYTES (encoded images)")
     expected = input_shape(mv)
-    if len(shape) != 4 or shape[1:] != expected[1:] or shape[0] < 1:
+    if len(shape) != 4 or shape[1:] != expected[1:]:
         raise InvalidInput(f"input {shown(tensor.name)} has shape {shape}, but model {spec.name} expects {expected} "
                            f"(N, C, H, W) for {dtype}")
-    np_type = _NUMERIC[dtype]
-    if raw is not None:
-        if len(raw) != count * np_type.itemsize:
-            raise InvalidInput(f"input {shown(tensor.name)} has {len(raw)} raw bytes, but {dtype} shape {shape} "
-                               f"needs {count * np_type.itemsize}")
-        values = np.frombuffer(raw, np_type)
-    else:
-        field = _TYPED_FIELD.get(dtype)
-        if field is None:
-            raise InvalidInput(f"{dtype} input {shown(tensor.name)} must be sent in raw_input_contents "
-                               "(the protocol has no typed contents for it)")
-        typed = getattr(tensor.contents, field)
-        if len(typed) != count:
-            raise InvalidInput(f"input {shown(tensor.name)} has {len(typed)} values in contents.{field}, "
-                               f"shape {shape} needs {count}")
-        values = np.asarray(typed, np.int64 if dtype == "UINT8" else np.float32)
-        if dtype == "UINT8" and values.max() > 255:  # uint_contents is 32-bit
-            raise InvalidInput(f"UINT8 input {shown(tensor.name)} holds values outside 0..255")
-    arr = values.reshape(shape)
+    if raw is None:
+        raw = _typed_contents(tensor, dtype, element_count(shape))
+    return ImageBatch(tuple(shape), KSERVE_DTYPES[dtype], raw, MODEL_INPUT_BATCH)
+
+
+def _typed_contents(tensor: pb.ModelInferRequest.InferInputTensor, dtype: str, count: int) -> bytes:
+    """A tensor sent in typed `contents` as the little-endian bytes raw_input_contents would have held."""
+    field = _TYPED_FIELD.get(dtype)
+    if field is None:
+        raise InvalidInput(f"{dtype} input {shown(tensor.name)} must be sent in raw_input_contents "
+                           "(the protocol has no typed contents for it)")
+    typed = getattr(tensor.contents, field)
+    if len(typed) != count:
+        raise InvalidInput(f"input {shown(tensor.name)} has {len(typed)} values in contents.{field}, "
+                           f"shape {list(tensor.shape)} needs {count}")
     if dtype == "UINT8":
-        return arr.astype(np.float32) * np.float32(1 / 255)
-    return arr.astype(np.float32)  # FP16 -> FP32, and native byte order for onnxruntime
+        try:
+            return bytes(typed)  # uint_contents is 32-bit
+        except ValueError:
+            raise InvalidInput(f"UINT8 input {shown(tensor.name)} holds values outside 0..255") from None
+    values = array.array("f", typed)
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values.tobytes()
 
 
 @dataclass

@@ -1,7 +1,9 @@
-"""Every error the server core raises on purpose, in one place.
+"""Every error the server and the engine raise on purpose, in one place.
 
-Each class is one kind of failure with one gRPC status (`api/status.py` holds the mapping, so this module
-imports no gRPC and the batcher can raise its errors too). Anything that is none of these is a bug of the
+Each class is one kind of failure with one status, named by its `status` attribute (the name of a gRPC
+status code: `api/status.py` turns it into the code, so this module imports no gRPC, and the batcher and the
+Ray engine can raise and name these errors too). None subclasses ValueError: a ValueError from a library is
+never taken for the caller's fault. Anything that is none of these is a bug of the
 server: it becomes `InternalError` at the model boundary (`ModelVersion.infer`), is logged there with its
 traceback, and reaches the caller as INTERNAL with the model and version named and nothing else.
 """
@@ -23,52 +25,71 @@ def shown(name: str) -> str:
 
 
 class ServingError(Exception):
-    """Base of the errors below; the message is written for the caller and says what to fix."""
+    """Base of the errors below; the message is written for the caller and says what to fix. `status` names
+    the gRPC status code it is answered with (and, through it, the HTTP status): the one mapping."""
+    status = "INTERNAL"
 
 
 class InvalidInput(ServingError):
     """Input the client must fix (INVALID_ARGUMENT)."""
+    status = "INVALID_ARGUMENT"
 
 
 class ModelNotFound(ServingError):
     """No such model or version (NOT_FOUND)."""
+    status = "NOT_FOUND"
 
 
 class ModelNotReady(ServingError):
     """The model exists but has no ready version (UNAVAILABLE)."""
+    status = "UNAVAILABLE"
 
 
 class QueueFull(ServingError):
     """The batcher's queue holds max_queue_size requests already (RESOURCE_EXHAUSTED)."""
+    status = "RESOURCE_EXHAUSTED"
 
 
 class DeadlineExceeded(ServingError):
     """The request's deadline passed before its batch ran (DEADLINE_EXCEEDED)."""
+    status = "DEADLINE_EXCEEDED"
 
 
 class BatcherStopped(ServingError):
     """The model version is shutting down or being replaced (UNAVAILABLE: retry, another version serves)."""
+    status = "UNAVAILABLE"
 
 
 class CamUnsupported(ServingError):
     """The model has no linear map from feature maps to logits (FAILED_PRECONDITION)."""
+    status = "FAILED_PRECONDITION"
 
 
 class NotInstalled(ServingError):
     """A feature asked for needs a package this install lacks (FAILED_PRECONDITION); says which extra."""
+    status = "FAILED_PRECONDITION"
 
 
 class Unauthenticated(ServingError):
     """The call carries no token, or one the server does not know (UNAUTHENTICATED)."""
+    status = "UNAUTHENTICATED"
 
 
 class PermissionDenied(ServingError):
     """A valid token that does not allow this call: an inference token on a management RPC (PERMISSION_DENIED)."""
+    status = "PERMISSION_DENIED"
 
 
 class ShuttingDown(ServingError):
     """The server is draining before it exits and takes no new calls (UNAVAILABLE: retry on another replica)."""
+    status = "UNAVAILABLE"
 
 
 class InternalError(ServingError):
     """A failure inside the server, already logged with its traceback (INTERNAL)."""
+    status = "INTERNAL"
+
+
+class StartRefused(ServingError):
+    """A start the server refuses (a flag, a file, a port, a missing extra): the one-line reason and what to
+    change. The command line prints it without a traceback."""

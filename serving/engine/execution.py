@@ -13,13 +13,21 @@ import time
 
 import numpy as np
 
-from ..repository_format import ModelSpec, Preprocessing, class_count
-from . import cam as cam_ops
-from .batcher import PhasedResults
-from .errors import InvalidInput
+from ..cam_maths import class_activation_maps
+from ..repository_format import ModelSpec, class_count
+from .decode import decode_batch
 from .inference import InferenceRequest, InferenceResult
-from .preprocess import to_model_input
 from .runtime import OrtSessions
+
+
+class PhasedResults(list):
+    """What `execute` returns: one result or error per request, and how long the batch spent in each phase
+    (seconds: preparing inputs, running the model, producing outputs; Triton's compute_input, compute_infer
+    and compute_output). The batcher hands the phases to its observer as they are."""
+
+    def __init__(self, results, phases: tuple[float, float, float]):
+        super().__init__(results)
+        self.phases = phases
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
@@ -50,7 +58,7 @@ class BatchExecution:
             rows.append(slice(start, start + len(req)))
             start += len(req)
         x = np.empty((start, pre.channels, pre.height, pre.width), np.float32)
-        results: list[InferenceResult | Exception | None] = list(_decode_batch(batch, rows, x, pre))
+        results: list[InferenceResult | Exception | None] = list(decode_batch(batch, rows, x, pre))
         ok = [i for i, r in enumerate(results) if r is None]
         decoded = time.perf_counter()
         if not ok:
@@ -82,28 +90,5 @@ class BatchExecution:
         # A binary model has one weight row (its one logit) for both classes.
         weight_rows = np.minimum(classes, len(self.cam_weights) - 1)
         size = (self.spec.preprocessing.height, self.spec.preprocessing.width)
-        return cam_ops.class_activation_maps(features, self.cam_weights, weight_rows, size)
+        return class_activation_maps(features, self.cam_weights, weight_rows, size)
 
-
-def _decode_batch(batch: list[InferenceRequest], rows: list[slice], x: np.ndarray,
-                  pre: Preprocessing) -> list[InvalidInput | None]:
-    """Decode every request into its rows of x; a request with bad input gets its error (its rows are
-    zeros) and the others run as sent. The whole batch is first tried in one call, which takes the
-    vectorised path when every image is uint8 pixels at the model size (the common wire form)."""
-    errors: list[InvalidInput | None] = [None] * len(batch)
-    if len(batch) > 1 and not any(isinstance(req.images, np.ndarray) for req in batch):
-        try:
-            to_model_input([img for req in batch for img in req.images], pre, out=x)
-            return errors
-        except InvalidInput:
-            pass  # some request is at fault: decode one by one to find which
-    for i, (req, sl) in enumerate(zip(batch, rows)):
-        try:
-            if isinstance(req.images, np.ndarray):
-                x[sl] = req.images
-            else:
-                to_model_input(req.images, pre, out=x[sl])
-        except InvalidInput as e:
-            errors[i] = e
-            x[sl] = 0
-    return errors
