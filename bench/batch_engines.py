@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -79,32 +80,24 @@ def in_process(model_file: Path, images: np.ndarray, batches: list[int]) -> tupl
     return (lambda: rate(layouts[name], n)), f"batch {n}, {name}"
 
 
-def machine_cpu_ticks() -> list[int]:
-    """The machine's CPU time so far, in clock ticks, by kind (user, nice, system, idle, iowait, irq, softirq,
-    steal, ...: the first line of Linux's /proc/stat); [] where there is none."""
-    try:
-        return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return []
-
-
 def wait_until_idle(timeout_s: float = 15.0, idle_share: float = 0.9) -> None:
     """Wait until the machine's CPUs are at least `idle_share` idle over half a second (a job's processes,
     Ray's above all, may still be exiting when it returns), at most `timeout_s`: an in-process pass sharing
     the cores with them would lower the ceiling the next job is compared with."""
     deadline = time.monotonic() + timeout_s
-    while machine_cpu_ticks() and time.monotonic() < deadline:
-        before = machine_cpu_ticks()
+    while time.monotonic() < deadline:
+        before = psutil.cpu_times()
         time.sleep(0.5)
-        spent = [b - a for a, b in zip(before, machine_cpu_ticks())]
-        if sum(spent) > 0 and (spent[3] + spent[4]) / sum(spent) >= idle_share:  # idle and iowait
+        after = psutil.cpu_times()
+        spent = {kind: getattr(after, kind) - getattr(before, kind) for kind in after._fields}
+        idle = spent["idle"] + spent.get("iowait", 0.0)
+        if sum(spent.values()) > 0 and idle / sum(spent.values()) >= idle_share:
             return
 
 
 def stolen_cpu_seconds() -> float:
     """CPU time this virtual machine's host has taken from it so far (the steal column; 0 where there is none)."""
-    ticks = machine_cpu_ticks()
-    return ticks[7] / os.sysconf("SC_CLK_TCK") if len(ticks) > 7 else 0.0
+    return getattr(psutil.cpu_times(), "steal", 0.0)
 
 
 def run_job(args: list[str], output: Path) -> dict:

@@ -26,6 +26,7 @@ import h2.config
 import h2.connection
 import h2.exceptions
 import numpy as np
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -100,7 +101,7 @@ def reset_flood(address: str, seconds: float) -> tuple[int, tuple[int, int, floa
 
 def idle_flood(proc: subprocess.Popen, address: str, count: int) -> dict:
     port = int(address.rsplit(":", 1)[1])
-    fds = lambda: len(list(Path(f"/proc/{proc.pid}/fd").iterdir()))  # noqa: E731
+    fds = psutil.Process(proc.pid).num_fds
     before = fds()
     with ClassifierClient(address, retries=0, timeout_s=5) as early:
         early.classify([IMAGE])

@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from serving.repository_format import VersionMetadata  # noqa: E402
 from training.export import export_to_repository  # noqa: E402
 from training.models import create_model, list_models, model_entry  # noqa: E402
 
@@ -50,12 +51,12 @@ def main() -> int:
             with FlopCounterMode(display=False) as counter, torch.no_grad():
                 model(torch.zeros(1, 1, 28, 28))
             vdir = export_to_repository(model, [str(i) for i in range(10)], Path(tmp), name, name, version=1)
-            meta = json.loads((vdir / "metadata.json").read_text())
+            meta = VersionMetadata.read(vdir)
             metrics = Path(args.runs) / name / "metrics.json"
             acc = f"{100 * json.loads(metrics.read_text())['test_acc']:.2f}" if metrics.exists() else ""
-            cam = "no" if "cam_unsupported_reason" in meta else "yes"
+            cam = "no" if meta.cam_unsupported_reason else "yes"
             rows.append(f"| {name} | {model_entry(name).family} | {params:,} | {counter.get_total_flops() / 1e6:.1f} | "
-                        f"{meta['onnx_bytes'] / 1e6:.2f} | {meta['parity_max_abs_diff']:.1e} | {cam} | {acc} | "
+                        f"{meta.onnx_bytes / 1e6:.2f} | {meta.parity_max_abs_diff:.1e} | {cam} | {acc} | "
                         f"{ANCHORS.get(name, '')} |")
             for p in vdir.iterdir():  # keep the disk small: the big classic heads are hundreds of MB
                 p.unlink()

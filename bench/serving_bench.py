@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # a checkout that is not installed (the lent GPU machine) runs it too
@@ -49,25 +50,19 @@ class LoadResult:
 
 def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds so far of a process and its live descendants (PyTriton's Python process
-    runs tritonserver as a child). Linux /proc; NaN elsewhere."""
-    stats: dict[int, tuple[int, float]] = {}  # pid -> (parent, cpu seconds)
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            stats[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
-        except (OSError, IndexError, ValueError):
-            continue  # the process ended while we looked
-    if pid not in stats:
+    runs tritonserver as a child); NaN when the process is gone."""
+    try:
+        process = psutil.Process(pid)
+        family = [process, *process.children(recursive=True)]
+    except psutil.Error:
         return float("nan")
-    children: dict[int, list[int]] = {}
-    for p, (parent, _) in stats.items():
-        children.setdefault(parent, []).append(p)
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        total += stats[p][1]
-        todo += children.get(p, [])
+    total = 0.0
+    for p in family:
+        try:
+            times = p.cpu_times()
+        except psutil.Error:
+            continue  # the process ended while we looked
+        total += times.user + times.system
     return total
 
 

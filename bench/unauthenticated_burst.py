@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,13 +33,15 @@ TOKEN = "burst-bench-token-0123456789abcdef"
 
 
 def memory_mb(pid: int) -> tuple[float, float]:
-    """The process's resident memory now and its peak (MB), from /proc."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0]) / 1024
-    return fields["VmRSS"], fields["VmHWM"]
+    """The process's resident memory now (psutil) and its peak since it started (MB)."""
+    return psutil.Process(pid).memory_info().rss / 2**20, _high_water_mark_kb(pid) / 1024
+
+
+def _high_water_mark_kb(pid: int) -> int:
+    """Linux's exact peak resident size (VmHWM), which psutil does not report: a sampled peak could miss the
+    burst's spike that the bound is about."""
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1])
 
 
 class ServerProcess:

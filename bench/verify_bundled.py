@@ -79,8 +79,8 @@ def main() -> int:
                 import torch
                 import torch.nn.functional as F
 
+                from training.checkpoints import load_checkpoint
                 from training.models import compute_cam
-                from training.train import load_checkpoint
                 model, _ = load_checkpoint(args.checkpoint)
                 n = 256
                 heat = np.stack([e.heatmap for e in client.explain(encoded[:n], model=args.model)])

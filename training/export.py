@@ -23,10 +23,10 @@ from torch import nn
 from serving.repository_format import (
     CAM_WEIGHTS_FILE,
     LABELS_FILE,
-    METADATA_FILE,
     MODEL_FILE,
-    PLATFORM,
     Preprocessing,
+    VersionMetadata,
+    build_config,
     next_version,
     staged_version,
     write_config,
@@ -89,26 +89,15 @@ def _cam_weights(model: ImageClassifier) -> tuple[np.ndarray | None, str]:
         return None, str(e)
 
 
-def build_config(name: str, model: ImageClassifier, max_batch_size: int,
-                 extra: dict[str, str]) -> mc.ModelConfig:
+def model_config(name: str, model: ImageClassifier, max_batch_size: int, extra: dict[str, str]) -> mc.ModelConfig:
+    """The config.pbtxt of `model` (`build_config` with the shapes and normalisation this model has)."""
     c, (h, w) = model.in_channels, model.input_size
     with torch.no_grad():
         features = model.forward_features(torch.zeros(1, c, h, w))
-        fshape, out_classes = list(features.shape[1:]), model.forward_head(features).shape[1]
+        fshape, out_classes = list(features.shape[1:]), int(model.forward_head(features).shape[1])
     pre = Preprocessing(c, h, w, [round(v, 6) for v in model.mean.flatten().tolist()],
                         [round(v, 6) for v in model.std.flatten().tolist()])
-    cfg = mc.ModelConfig(name=name, platform=PLATFORM, max_batch_size=max_batch_size)
-    cfg.input.add(name=INPUT, data_type=mc.TYPE_FP32, format=mc.ModelInput.FORMAT_NCHW, dims=[c, h, w])
-    cfg.output.add(name=LOGITS, data_type=mc.TYPE_FP32, dims=[out_classes], label_filename=LABELS_FILE)
-    cfg.output.add(name=FEATURES, data_type=mc.TYPE_FP32, dims=fshape)
-    cfg.dynamic_batching.max_queue_delay_microseconds = 0
-    cfg.dynamic_batching.preferred_batch_size.append(max_batch_size)
-    cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_AUTO)
-    cfg.version_policy.latest.num_versions = 1
-    params = {"preprocessing": pre.to_json(), "features_output": FEATURES, **extra}
-    for k, v in params.items():
-        cfg.parameters[k].string_value = v
-    return cfg
+    return build_config(name, pre, INPUT, (LOGITS, out_classes), (FEATURES, fshape), max_batch_size, extra)
 
 
 def export_to_repository(model: ImageClassifier, classes: list[str], repository: Path, name: str,
@@ -142,15 +131,13 @@ def export_to_repository(model: ImageClassifier, classes: list[str], repository:
         weights, reason = _cam_weights(model)
         if weights is not None:
             np.save(staging / CAM_WEIGHTS_FILE, weights)
-        n_params = sum(p.numel() for p in model.parameters())
-        meta = {"architecture": architecture, "parameters": n_params, "parity_max_abs_diff": err,
-                "parity_data": check_data,
-                "precision": precision, "opset": OPSET, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "onnx_bytes": (staging / MODEL_FILE).stat().st_size, "metrics": metrics or {}}
-        if reason:
-            meta["cam_unsupported_reason"] = reason
-        (staging / METADATA_FILE).write_text(json.dumps(meta, indent=1))
-        write_config(model_dir, build_config(name, model, max_batch_size, {"architecture": architecture}))
+        VersionMetadata(
+            architecture=architecture, parameters=sum(p.numel() for p in model.parameters()), precision=precision,
+            opset=OPSET, exported_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            onnx_bytes=(staging / MODEL_FILE).stat().st_size, parity_max_abs_diff=err, parity_data=check_data,
+            metrics=metrics or {}, cam_unsupported_reason=reason,
+        ).write(staging)
+        write_config(model_dir, model_config(name, model, max_batch_size, {"architecture": architecture}))
         (model_dir / LABELS_FILE).write_text("\n".join(classes) + "\n")
     return final
 
@@ -164,8 +151,8 @@ def _metrics_of(checkpoint: Path) -> dict:
 
 
 def export_main(args: argparse.Namespace) -> None:
+    from .checkpoints import load_checkpoint
     from .config import UsageError
-    from .train import load_checkpoint
 
     repo = Path(args.model_repository)
     if args.all:

@@ -10,7 +10,6 @@ number differs (pin it in requests, or serve it with version_policy).
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from serving.repository_format import METADATA_FILE, MODEL_FILE, next_version, staged_version
+from serving.repository_format import MODEL_FILE, VersionMetadata, next_version, staged_version
 
 CALIBRATION_IMAGES = 512
 
@@ -56,27 +55,27 @@ def load_test_data(data_dir: str | None, shape: tuple[int, int, int]) -> tuple[n
 
 
 def _new_version(source: Path, convert, precision: str, reference_acc: float,
-                 data: tuple[np.ndarray, np.ndarray], notes: dict | None = None) -> Path:
+                 data: tuple[np.ndarray, np.ndarray], calibration: str = "") -> Path:
     model_dir = source.parent
     final = model_dir / str(next_version(model_dir))
     with staged_version(model_dir, final) as staging:
         shutil.copytree(source, staging)
         convert(str(source / MODEL_FILE), str(staging / MODEL_FILE))
-        meta = json.loads((staging / METADATA_FILE).read_text())
-        meta["precision"] = precision
-        meta["derived_from_version"] = int(source.name)
-        meta["onnx_bytes"] = (staging / MODEL_FILE).stat().st_size
+        meta = VersionMetadata.read(staging)
+        meta.precision = precision
+        meta.derived_from_version = int(source.name)
+        meta.onnx_bytes = (staging / MODEL_FILE).stat().st_size
         acc = _accuracy(staging / MODEL_FILE, *data)
         change = acc - reference_acc
         # Measured on this version's own file: the FP32 figures it was copied with are replaced, not kept.
-        meta["metrics"] = {"test_acc": acc}
-        meta["accuracy_change_vs_fp32"] = change
-        meta["fp32_test_acc"] = reference_acc
-        meta["measured_on"] = f"{TEST_SET}, {len(data[1])} images"
-        meta.update(notes or {})
-        (staging / METADATA_FILE).write_text(json.dumps(meta, indent=1))
+        meta.metrics = {"test_acc": acc}
+        meta.accuracy_change_vs_fp32 = change
+        meta.fp32_test_acc = reference_acc
+        meta.measured_on = f"{TEST_SET}, {len(data[1])} images"
+        meta.calibration = calibration
+        meta.write(staging)
     print(f"{precision}: version {final.name}, test accuracy {100 * acc:.2f}% ({100 * change:+.2f} points against "
-          f"FP32, {TEST_SET}, {len(data[1])} images), {meta['onnx_bytes'] / 1e6:.2f} MB")
+          f"FP32, {TEST_SET}, {len(data[1])} images), {meta.onnx_bytes / 1e6:.2f} MB")
     if -100 * change > ACCURACY_WARNING_POINTS:
         print(f"warning: {precision} loses {-100 * change:.2f} points; version {final.name} is now the newest, which "
               f"the default version policy (latest 1) serves: pin the version you want, or remove {final}")
@@ -126,5 +125,5 @@ def export_reduced_precision(version_dir: Path, fp16: bool, quantize: str | None
 
         print(f"int8-static: calibrating (min-max) on {len(calibration)} images of the {TEST_SET}")
         written.append(_new_version(version_dir, to_int8, "int8-static", reference, data,
-                                    {"calibration": f"min-max on {len(calibration)} images of the {TEST_SET}"}))
+                                    f"min-max on {len(calibration)} images of the {TEST_SET}"))
     return written

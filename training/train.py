@@ -8,191 +8,38 @@ augmented there. On a GPU the forward and backward passes run under bf16 autocas
 epoch reads nothing back to the host but the progress bar's figures every few steps. On the CPU the defaults
 give the loop it always was (fp32, channels_last); `amp: bf16` is there too.
 
-`train()` is the outline. Each of its sections is one function below it: the runtime (processes, device,
-precision), the data, the model and optimiser, the schedule, one epoch, evaluation, checkpoints and the
-final report.
+`train()` is the outline. Each of its sections is a function, here or in the module of its seam: the runtime
+(processes, device, precision: runtime.py), the data (loading.py), the model and optimiser, the learning-rate
+schedule (schedule.py, torch's schedulers), one epoch, evaluation, checkpoints (checkpoints.py) and the final
+report.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import math
-import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
 
 from . import data as datasets
-from .augment import AugmentConfig, augment, to_model_input
-from .config import TrainConfig, config_from_dict, load_config  # noqa: F401 - the loop's configuration, re-exported
+from .augment import to_model_input
+from .checkpoints import load_checkpoint, resume_from, save_best, save_last
+from .config import TrainConfig
+from .loading import Data, DeviceSplit, epoch_batches, load_data, to_device
 from .models import create_model
 from .plots import confusion_matrix, plot_confusion_matrix, plot_learning_curves
+from .runtime import Runtime, autocast_context, setup_runtime, stop_everywhere
+from .schedule import make_scheduler, peak_lr, steps_per_epoch
 
 PROGRESS_EVERY = 20  # steps between progress-bar updates: each update waits for the device
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The runtime: processes, device, precision
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """Autocast to `dtype` on the device, or nothing at all (plain fp32) when `dtype` is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-@dataclass
-class Runtime:
-    """Where this process trains and how: its rank among `world` processes, its device, its autocast dtype."""
-
-    rank: int
-    world: int
-    device: torch.device
-    amp_dtype: torch.dtype | None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return autocast_context(self.device, self.amp_dtype)
-
-    def describe(self) -> str:
-        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
-        precision = {None: "fp32", torch.bfloat16: "bf16 autocast"}.get(self.amp_dtype, str(self.amp_dtype))
-        return f"{self.world} process(es) on {self.device} ({name}), {precision}, torch {torch.__version__}"
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """`auto` is CUDA when torch sees a GPU, else the CPU; under torchrun each process takes its local GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device={name}, but this torch ({torch.__version__}) sees no GPU")
-        return torch.device(name if ":" in name else f"cuda:{local_rank}")
-    raise ValueError(f"unknown device {name!r}: auto, cpu, cuda or cuda:N")
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """bf16 on CUDA by default: tensor-core speed without fp16's loss scaling. The CPU stays fp32 unless asked:
-    its bf16 autocast is correct, but without bf16 matrix instructions (AMX) it is several times slower."""
-    if amp == "off":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    raise ValueError(f"unknown amp {amp!r}: auto, bf16 or off")
-
-
-def setup_runtime(cfg: TrainConfig) -> Runtime:
-    """Join the process group under torchrun, pick the device and precision, seed everything."""
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
-    amp_dtype = autocast_dtype(cfg.amp, device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # every batch has the same shape: pick the fastest kernels once
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    return Runtime(rank, world, device, amp_dtype)
-
-
-def stop_everywhere(rt: Runtime, stop: bool) -> bool:
-    """The main process decides to stop early; every process must stop with it, or DDP's next all-reduce hangs."""
-    if rt.world == 1:
-        return stop
-    flag = torch.tensor([int(stop)], device=rt.device)
-    torch.distributed.broadcast(flag, src=0)
-    return bool(flag.item())
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The data: splits on the host, then resident on the device
-
-
-@dataclass
-class Data:
-    """The splits as loaded (uint8 [N, H, W, C] numpy arrays) and the model input they become."""
-
-    classes: list[str]
-    channels: int
-    size: tuple[int, int]
-    train: datasets.Split
-    val: datasets.Split
-    test: datasets.Split | None
-
-
-def load_data(cfg: TrainConfig) -> Data:
-    ds = datasets.load_dataset(cfg.dataset, cfg.data_dir, cfg.download,
-                               tuple(cfg.input_size or (28, 28)), cfg.channels or 1, cfg.verify_checksums)
-    channels = cfg.channels or ds.train.images.shape[-1]
-    size = tuple(cfg.input_size or ds.train.images.shape[1:3])
-    train_split, val_split = datasets.train_val_split(ds.train, cfg.val_fraction, cfg.seed)
-    if cfg.max_train_samples:
-        train_split = datasets.Split(train_split.images[: cfg.max_train_samples], train_split.labels[: cfg.max_train_samples])
-    return Data(ds.classes, channels, size, train_split, val_split, ds.test)
-
-
-@dataclass
-class DeviceSplit:
-    """A split resident on the training device: uint8 pixels [N, H, W, C] (a quarter of float32's memory;
-    Fashion-MNIST's training set is 42 MB) and int64 labels."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def to_device(split: datasets.Split, device: torch.device) -> DeviceSplit:
-    """One copy to the device for the whole run (on the CPU, no copy at all)."""
-    return DeviceSplit(torch.from_numpy(split.images).to(device), torch.from_numpy(split.labels).to(device))
-
-
-def model_batch(split: DeviceSplit, idx: torch.Tensor, data: Data, aug: AugmentConfig,
-                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training input and labels for these indices, made on the split's device: converted, augmented,
-    channels_last."""
-    x = to_model_input(split.images[idx], data.channels, data.size)
-    if aug.active:
-        x = augment(x, aug, gen)
-    return x.contiguous(memory_format=torch.channels_last), split.labels[idx]
-
-
-def shard_size(n: int, world: int) -> int:
-    """Images each process trains on per epoch: equal shards (at most world - 1 images left out, different ones
-    every epoch), so every process takes the same number of steps and DDP's all-reduces pair up."""
-    return n // world
-
-
-def epoch_batches(split: DeviceSplit, data: Data, cfg: TrainConfig, rt: Runtime, epoch: int,
-                  gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This process's batches of one epoch. The permutation is seeded by the epoch, so every process draws the
-    same one and takes every world-th image, and a resumed run sees the order it would have seen. It is copied
-    to the device once per epoch, never per step."""
-    order = np.random.default_rng(cfg.seed + epoch).permutation(len(split))[rt.rank::rt.world]
-    order = torch.from_numpy(order[: shard_size(len(split), rt.world)].copy()).to(rt.device)
-    for start in range(0, len(order), cfg.batch_size):
-        yield model_batch(split, order[start:start + cfg.batch_size], data, cfg.augment, gen)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,64 +108,15 @@ def predictions(logits: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The schedule
-
-
-def peak_lr(cfg: TrainConfig, world: int) -> float:
-    """The top of the schedule. With `lr_scaling: linear`, `lr` is the rate for a global batch of 256 images and
-    grows in proportion to the global batch (batch_size x processes), Goyal et al.'s rule for large batches;
-    its warm-up (`warmup_epochs`) keeps the first steps stable."""
-    if cfg.lr_scaling == "none":
-        return cfg.lr
-    if cfg.lr_scaling == "linear":
-        return cfg.lr * cfg.batch_size * world / 256
-    raise ValueError(f"unknown lr_scaling {cfg.lr_scaling!r}: none or linear")
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """The run's optimiser steps and the learning rate at each: linear warm-up, then the chosen decay."""
-
-    cfg: TrainConfig
-    peak: float
-    steps_per_epoch: int
-
-    @property
-    def total(self) -> int:
-        return self.steps_per_epoch * self.cfg.epochs
-
-    def lr_at(self, step: int) -> float:
-        cfg, peak, total = self.cfg, self.peak, self.total
-        warmup = int(cfg.warmup_epochs * self.steps_per_epoch)
-        if cfg.schedule == "onecycle":  # up for 30%, cosine down to zero (Smith & Topin, 2017)
-            top = max(1, int(0.3 * total))
-            if step < top:
-                return peak * (0.04 + 0.96 * step / top)
-            return peak * 0.5 * (1 + math.cos(math.pi * (step - top) / max(1, total - top)))
-        if step < warmup:
-            return peak * (step + 1) / warmup
-        if cfg.schedule == "cosine":
-            return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-        if cfg.schedule == "step":
-            return peak * cfg.step_gamma ** ((step // self.steps_per_epoch) // cfg.step_size)
-        if cfg.schedule == "constant":
-            return peak
-        raise ValueError(f"unknown schedule {cfg.schedule!r}")
-
-
-def make_schedule(cfg: TrainConfig, n_train: int, world: int) -> Schedule:
-    return Schedule(cfg, peak_lr(cfg, world), math.ceil(shard_size(n_train, world) / cfg.batch_size))
-
-
-# ---------------------------------------------------------------------------------------------------------
 # One epoch, and evaluation
 
 
 def train_one_epoch(cfg: TrainConfig, rt: Runtime, module: nn.Module, optimizer: torch.optim.Optimizer,
-                    batches: Iterator[tuple[torch.Tensor, torch.Tensor]], schedule: Schedule,
-                    epoch: int) -> tuple[float, float, int]:
-    """One pass over this process's shard: its mean training loss and accuracy, and the images seen. The sums
-    stay on the device (float64 for the loss, as Python floats were), read back once at the end."""
+                    batches: Iterator[tuple[torch.Tensor, torch.Tensor]], scheduler: LRScheduler,
+                    epoch_steps: int, epoch: int) -> tuple[float, float, int, float]:
+    """One pass over this process's shard: its mean training loss and accuracy, the images seen and the learning
+    rate of its last step. The sums stay on the device (float64 for the loss, as Python floats were), read back
+    once at the end."""
     module.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     correct = torch.zeros((), dtype=torch.int64, device=rt.device)
@@ -326,23 +124,24 @@ def train_one_epoch(cfg: TrainConfig, rt: Runtime, module: nn.Module, optimizer:
     show = cfg.progress and rt.is_main
     # disable=None: tqdm turns itself off when stderr is not a terminal, so a log gets the epoch lines, not
     # thousands of carriage-return updates.
-    bar = tqdm(batches, total=schedule.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+    lr = optimizer.param_groups[0]["lr"]
+    bar = tqdm(batches, total=epoch_steps, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                disable=None if show else True, leave=False)
     for step, (x, y) in enumerate(bar):
-        for group in optimizer.param_groups:
-            group["lr"] = schedule.lr_at(epoch * schedule.steps_per_epoch + step)
+        lr = optimizer.param_groups[0]["lr"]
         with rt.autocast():
             logits = module(x)
         loss = loss_fn(cfg, logits.float(), y)  # the loss in fp32 whatever the autocast
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        scheduler.step()
         seen += len(y)
         loss_sum += loss.detach().double() * len(y)
         correct += (predictions(logits.detach()) == y).sum()
         if show and step % PROGRESS_EVERY == 0:
             bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", acc=f"{100 * int(correct) / seen:.2f}%")
-    return float(loss_sum) / seen, int(correct) / seen, seen
+    return float(loss_sum) / seen, int(correct) / seen, seen, lr
 
 
 @torch.no_grad()
@@ -361,44 +160,6 @@ def evaluate(model: nn.Module, split: DeviceSplit, data: Data, cfg: TrainConfig,
         preds.append(predictions(logits))
     predicted = torch.cat(preds).cpu().numpy()
     return float(total_loss) / len(split), float((predicted == split.labels.cpu().numpy()).mean()), predicted
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict on the CPU, so a checkpoint written on a GPU loads anywhere."""
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def save_best(path: Path, model: nn.Module, cfg: TrainConfig, model_args: dict, classes: list[str]) -> None:
-    torch.save({"model": cpu_state(model), "model_name": cfg.model, "model_args": json.dumps(model_args),
-                "classes": classes}, path)
-
-
-def save_last(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-              history: list[dict]) -> None:
-    torch.save({"model": cpu_state(model), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                "history": json.dumps(history)}, path)
-
-
-def resume_from(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                device: torch.device) -> tuple[int, list[dict]]:
-    """Load `last.pt` into the model and the optimiser: the epoch to start from and the history so far."""
-    state = torch.load(path, map_location=device, weights_only=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    return state["epoch"], json.loads(state["history"])
-
-
-def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, list[str]]:
-    """Rebuild a model from a checkpoint (state dict and plain values only, loaded with weights_only), on the CPU."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model = create_model(state["model_name"], **json.loads(state["model_args"]))
-    model.load_state_dict(state["model"])
-    model.eval()
-    return model, list(state["classes"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -452,11 +213,12 @@ def train(cfg: TrainConfig) -> dict:
 
     data = load_data(cfg)
     model, model_args = build_model(cfg, data, rt.device)
-    schedule = make_schedule(cfg, len(data.train.labels), rt.world)
-    optimizer = make_optimizer(cfg, model, schedule.peak)
+    epoch_steps, peak = steps_per_epoch(cfg, len(data.train.labels), rt.world), peak_lr(cfg, rt.world)
+    optimizer = make_optimizer(cfg, model, peak)
+    scheduler = make_scheduler(cfg, optimizer, epoch_steps)
     start_epoch, history = 0, []
     if cfg.resume and (out / "last.pt").exists():
-        start_epoch, history = resume_from(out / "last.pt", model, optimizer, rt.device)
+        start_epoch, history = resume_from(out / "last.pt", model, optimizer, scheduler, rt.device)
     module = training_module(cfg, model, rt)
 
     train_set = to_device(data.train, rt.device)
@@ -465,7 +227,7 @@ def train(cfg: TrainConfig) -> dict:
     if rt.is_main:
         print(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters; {len(train_set)} train / "
               f"{len(data.val.labels)} val images; {rt.describe()}; global batch {cfg.batch_size * rt.world}, "
-              f"peak lr {schedule.peak:g}")
+              f"peak lr {peak:g}")
 
     # Elapsed time carries over a resume, so train_time_s is the whole run's.
     started = time.time() - (history[-1]["elapsed_s"] if history else 0.0)
@@ -474,12 +236,13 @@ def train(cfg: TrainConfig) -> dict:
     for epoch in range(start_epoch, cfg.epochs):
         epoch_started = time.time()
         batches = epoch_batches(train_set, data, cfg, rt, epoch, gen)
-        train_loss, train_acc, seen = train_one_epoch(cfg, rt, module, optimizer, batches, schedule, epoch)
+        train_loss, train_acc, seen, lr = train_one_epoch(cfg, rt, module, optimizer, batches, scheduler,
+                                                          epoch_steps, epoch)
         images_per_s = seen * rt.world / (time.time() - epoch_started)
         if rt.is_main:
             val_loss, val_acc, _ = evaluate(model, val_set, data, cfg, rt.amp_dtype)
             record = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-                      "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
+                      "val_acc": val_acc, "lr": lr,
                       "elapsed_s": round(time.time() - started, 1), "train_images_per_s": round(images_per_s)}
             history.append(record)
             print(f"epoch {epoch + 1}: train loss {train_loss:.4f} acc {100 * train_acc:.2f}% | val loss {val_loss:.4f} "
@@ -489,7 +252,7 @@ def train(cfg: TrainConfig) -> dict:
                 save_best(out / "checkpoint.pt", model, cfg, model_args, data.classes)
             else:
                 stale += 1
-            save_last(out / "last.pt", model, optimizer, epoch + 1, history)
+            save_last(out / "last.pt", model, optimizer, scheduler, epoch + 1, history)
             plot_learning_curves(history, out / "learning_curves.png", cfg.model)
             stopped = stop_reason(cfg, stale, time.time() - started) if epoch + 1 < cfg.epochs else ""
         if stop_everywhere(rt, bool(stopped)):

@@ -60,7 +60,7 @@ class BatcherStopped(ServingError):
     status = "UNAVAILABLE"
 
 
-class CamUnavailable(ServingError):
+class CamUnsupported(ServingError):
     """The model has no linear map from feature maps to logits (FAILED_PRECONDITION)."""
     status = "FAILED_PRECONDITION"
 

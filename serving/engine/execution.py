@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
+from ..cam_maths import class_activation_maps
 from ..repository_format import ModelSpec, class_count
-from . import cam as cam_ops
 from .decode import decode_batch
 from .inference import InferenceRequest, InferenceResult
 from .runtime import OrtSessions
@@ -90,5 +90,5 @@ class BatchExecution:
         # A binary model has one weight row (its one logit) for both classes.
         weight_rows = np.minimum(classes, len(self.cam_weights) - 1)
         size = (self.spec.preprocessing.height, self.spec.preprocessing.width)
-        return cam_ops.class_activation_maps(features, self.cam_weights, weight_rows, size)
+        return class_activation_maps(features, self.cam_weights, weight_rows, size)
 

@@ -17,6 +17,7 @@ from ..repository_format import (
     MODEL_FILE,
     ConfigError,
     ModelSpec,
+    VersionMetadata,
     class_count,
     list_versions,
     read_metadata,
@@ -59,8 +60,8 @@ class LoadedVersion:
     """A version's sessions and batch execution, checked against its config and warmed up: what a server
     puts a batcher in front of, and what a batch job's worker calls directly."""
     execution: BatchExecution
-    metadata: dict
-    cam_reason: str  # why the version cannot explain ("" when it can)
+    metadata: VersionMetadata
+    cam_unsupported_reason: str  # why the version cannot explain ("" when it can)
 
     @property
     def sessions(self) -> OrtSessions:
@@ -81,14 +82,14 @@ def load_execution(spec: ModelSpec, version: int, options: RuntimeOptions | None
     sessions = OrtSessions(model_path, spec.input_name, outputs, instances or b.instances, options)
     pre = spec.preprocessing
     _check_shapes(sessions, spec)
-    cam_weights, cam_reason = None, metadata.get("cam_unsupported_reason", "")
+    cam_weights, cam_unsupported_reason = None, metadata.cam_unsupported_reason
     if spec.features_output and cam_path.exists():
         cam_weights = np.load(cam_path).astype(np.float32)
-        cam_reason = ""
-    elif not cam_reason:
-        cam_reason = "the repository has no CAM weights for this version"
+        cam_unsupported_reason = ""
+    elif not cam_unsupported_reason:
+        cam_unsupported_reason = "the repository has no CAM weights for this version"
     sessions.warm_up((pre.channels, pre.height, pre.width), max_batch_size or b.max_batch_size)
-    return LoadedVersion(BatchExecution(spec, sessions, cam_weights), metadata, cam_reason)
+    return LoadedVersion(BatchExecution(spec, sessions, cam_weights), metadata, cam_unsupported_reason)
 
 
 

@@ -320,7 +320,7 @@ def _mistake_overlays(spec: ModelSpec, version: int, source: Source, positions: 
     if not pictures:
         return pictures
     loaded = load_execution(spec, version, RuntimeOptions(device="cpu"), instances=1)
-    if loaded.cam_reason:
+    if loaded.cam_unsupported_reason:
         return pictures
     request = InferenceRequest([_wire_image(p) for p in pictures], cam=True, keep_inputs=True)
     (result,) = loaded.execution.execute([request])
@@ -335,6 +335,8 @@ def run_job(args: argparse.Namespace) -> int:
     source = open_source(args)
     spec, version = choose_model(Path(args.model_repository or BUNDLED_REPOSITORY), args.model,
                                  args.model_version)
+    for warning in spec.warnings:  # what of its config.pbtxt is not applied, by name, as the server logs it
+        print(f"warning: model {spec.name}: config.pbtxt {warning}", file=sys.stderr)
     top_k = max(1, min(args.top_k, spec.num_classes))
     output = Output(args.output, top_k)
     written = output.begin(WrittenWith(spec.name, version), fresh=args.fresh)  # before Ray starts: a refusal is quick

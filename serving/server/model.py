@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..engine.errors import CamUnavailable, InternalError, InvalidInput, ServingError
+from ..engine.errors import CamUnsupported, InternalError, InvalidInput, ServingError
 from ..engine.execution import BatchExecution
 from ..engine.inference import InferenceRequest, InferenceResult
 from ..engine.loading import load_execution
 from ..engine.runtime import OrtSessions, RuntimeOptions
-from ..repository_format import BatchingOptions, ModelSpec
+from ..repository_format import BatchingOptions, ModelSpec, VersionMetadata
 from .batcher import BatchTracer, DynamicBatcher
 from .statistics import SeriesSink, VersionStatistics
 from .tracing import set_call_attributes
@@ -33,8 +33,8 @@ class ModelVersion:
     version: int
     execution: BatchExecution    # what the batcher runs for each batch (usable without a batcher too)
     batcher: DynamicBatcher
-    metadata: dict = field(default_factory=dict)
-    cam_reason: str = ""  # why the version cannot explain ("" when it can)
+    metadata: VersionMetadata = field(default_factory=VersionMetadata)
+    cam_unsupported_reason: str = ""  # why the version cannot explain ("" when it can)
     stats: VersionStatistics = field(default_factory=VersionStatistics)  # what its batcher reported
 
     @property
@@ -47,12 +47,13 @@ class ModelVersion:
 
     @property
     def supports_cam(self) -> bool:
-        return not self.cam_reason
+        return not self.cam_unsupported_reason
 
     async def infer(self, request: InferenceRequest, priority: int | None = None,
                     timeout_s: float | None = None) -> InferenceResult:
         if request.cam and not self.supports_cam:
-            raise CamUnavailable(f"model {self.name} version {self.version} cannot explain: {self.cam_reason}")
+            raise CamUnsupported(f"model {self.name} version {self.version} cannot explain: "
+                                 f"{self.cam_unsupported_reason}")
         if request.target_class is not None and not 0 <= request.target_class < self.spec.num_classes:
             raise InvalidInput(f"target_class {request.target_class} is outside 0..{self.spec.num_classes - 1}")
         set_call_attributes(self.name, self.version, len(request))
@@ -82,7 +83,7 @@ def load_version(spec: ModelSpec, version: int, options: RuntimeOptions | None =
         combine=b.combine_requests, merge=InferenceResult.concat, observer=stats, tracer=tracer,
         inline_max_units=_inline_units(loaded.sessions, (pre.channels, pre.height, pre.width), b),
         name=f"{spec.name}:{version}")
-    return ModelVersion(spec, version, execution, batcher, loaded.metadata, loaded.cam_reason, stats)
+    return ModelVersion(spec, version, execution, batcher, loaded.metadata, loaded.cam_unsupported_reason, stats)
 
 
 def _inline_units(sessions: OrtSessions, shape: tuple[int, ...], b: BatchingOptions) -> int:

@@ -235,6 +235,8 @@ class ModelRepository:
         self._ready.setdefault(spec.name, {})[version] = mv
         self._status[key] = VersionStatus(spec.name, version, READY, stamp=stamp)
         log.info("model %s version %d ready on %s", spec.name, version, mv.sessions.provider)
+        for warning in spec.warnings:  # what of its config.pbtxt is not applied, by name
+            log.warning("model %s version %d: config.pbtxt %s", spec.name, version, warning)
 
     async def _retire(self, name: str, version: int, reason: str, drain: bool = True) -> None:
         mv = self._ready.get(name, {}).pop(version, None)

@@ -2,6 +2,7 @@
 message size limits."""
 
 import asyncio
+import logging
 import shutil
 
 import grpc
@@ -154,3 +155,24 @@ def test_a_model_reads_no_file_outside_its_directory(tmp_path, caplog):
         seen += [s.reason for s in server.server.repository.statuses()]
         seen += [server.server.repository.model_error(n) for n in refused]
     assert "SECRET" not in repr(seen) + caplog.text  # the outside file's lines reached no answer and no log
+
+
+def test_a_model_with_tritons_model_warmup_loads_and_is_ready(tmp_path, caplog):
+    """Triton's `model_warmup` parses; our own warm-up replaces it, and the log says so by name."""
+    export_small(tmp_path)
+    config = tmp_path / "fmnist" / "config.pbtxt"
+    config.write_text(config.read_text() + """model_warmup [
+  {
+    name: "w"
+    batch_size: 1
+    inputs { key: "input" value: { data_type: TYPE_FP32 dims: [ 1, 28, 28 ] zero_data: true } }
+  }
+]
+""")
+    with caplog.at_level(logging.WARNING), running_server(tmp_path) as server, \
+            ClassifierClient(server.address) as client:
+        assert [(s.version, s.state) for s in server.server.repository.statuses("fmnist")] == [(1, READY)]
+        assert client.list_models() == {"fmnist": [1]}
+        assert client.classify([np.zeros((28, 28), np.uint8)])[0]
+    assert "model fmnist version 1: config.pbtxt model_warmup 'w' (batch_size 1): replaced by this server's " \
+           "warm-up" in caplog.text

@@ -11,7 +11,7 @@ import pytest
 from serving.client import ClassifierClient
 from serving.engine.errors import (
     BatcherStopped,
-    CamUnavailable,
+    CamUnsupported,
     DeadlineExceeded,
     InvalidInput,
     ModelNotFound,
@@ -32,7 +32,7 @@ from tests.conftest import running_server
     (QueueFull("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExceeded("x"), grpc.StatusCode.DEADLINE_EXCEEDED),
     (BatcherStopped("x"), grpc.StatusCode.UNAVAILABLE),
-    (CamUnavailable("x"), grpc.StatusCode.FAILED_PRECONDITION),
+    (CamUnsupported("x"), grpc.StatusCode.FAILED_PRECONDITION),
     (Unauthenticated("x"), grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied("x"), grpc.StatusCode.PERMISSION_DENIED),
     (ShuttingDown("x"), grpc.StatusCode.UNAVAILABLE),

@@ -8,21 +8,13 @@ import pytest
 import torch
 
 from training.augment import AugmentConfig, augment, to_model_input
+from training.checkpoints import load_checkpoint
+from training.config import config_from_dict
 from training.data import Split
-from training.train import (
-    Data,
-    Runtime,
-    autocast_dtype,
-    config_from_dict,
-    epoch_batches,
-    load_checkpoint,
-    make_schedule,
-    model_batch,
-    peak_lr,
-    resolve_device,
-    to_device,
-    train,
-)
+from training.loading import Data, epoch_batches, model_batch, to_device
+from training.runtime import Runtime, autocast_dtype, resolve_device
+from training.schedule import make_scheduler, peak_lr, steps_per_epoch
+from training.train import train
 
 CPU = torch.device("cpu")
 ALL_AUGMENTATIONS = {"crop_padding": 2, "hflip": True, "translate": 0.1, "rotate": 10, "erasing": 0.5}
@@ -121,15 +113,28 @@ def test_linear_lr_scaling_with_warmup():
     assert peak_lr(dataclasses.replace(cfg, lr_scaling="none"), world=2) == 0.1
     with pytest.raises(ValueError, match="lr_scaling"):
         peak_lr(dataclasses.replace(cfg, lr_scaling="sqrt"), world=1)
-    schedule = make_schedule(cfg, n_train=54000, world=1)
-    assert schedule.steps_per_epoch == 53 and schedule.total == 530
-    assert make_schedule(cfg, n_train=54000, world=2).steps_per_epoch == 27
-    warmup = [schedule.lr_at(s) for s in range(106)]
+    assert steps_per_epoch(cfg, n_train=54000, world=1) == 53
+    assert steps_per_epoch(cfg, n_train=54000, world=2) == 27
+    rates = step_rates(cfg, peak_lr(cfg, world=1), 53)
+    assert len(rates) == 530
+    warmup = rates[:106]
     assert warmup[0] == pytest.approx(0.4 / 106) and warmup[-1] == pytest.approx(0.4)
     assert all(a < b for a, b in zip(warmup, warmup[1:]))
-    decay = [schedule.lr_at(s) for s in range(106, 530)]
+    decay = rates[106:]
     assert decay[0] == pytest.approx(0.4) and all(a >= b for a, b in zip(decay, decay[1:]))
     assert decay[-1] < 1e-4
+
+
+def step_rates(cfg, peak: float, epoch_steps: int) -> list[float]:
+    """The learning rate of every optimiser step of a run, as the loop sees them."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=peak)
+    scheduler = make_scheduler(cfg, optimizer, epoch_steps)
+    rates = []
+    for _ in range(epoch_steps * cfg.epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
 
 
 def test_bf16_autocast_learns_on_cpu(tiny_fmnist, tmp_path):

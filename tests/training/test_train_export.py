@@ -8,9 +8,11 @@ import torch
 from google.protobuf import text_format
 
 from tests.training.test_data import write_idx
+from training.checkpoints import load_checkpoint
+from training.config import config_from_dict
 from training.export import PARITY_TOLERANCE, export_to_repository, parity_error
 from training.models import compute_cam, create_model
-from training.train import config_from_dict, load_checkpoint, train
+from training.train import train
 
 
 def write_quadrant_idx(d):

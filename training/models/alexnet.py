@@ -32,7 +32,7 @@ def _conv(cin: int, cout: int, kernel: int, stride: int, padding: int, batch_nor
 
 
 class AlexNet(ImageClassifier):
-    classic_head_reason = ("with the classic head, fc6/fc7 with ReLU between them are nonlinear in the conv5 maps, "
+    cam_unsupported_reason = ("with the classic head, fc6/fc7 with ReLU between them are nonlinear in the conv5 maps, "
                            "so CAM is undefined; use alexnet_gap")
 
     def __init__(self, in_channels: int = 3, num_classes: int = 1000, input_size: int | Sequence[int] = (224, 224),

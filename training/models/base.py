@@ -2,9 +2,9 @@
 
 `forward_features(x)` returns the last spatial maps [B, C, h, w]; `forward_head(f)` turns them into
 logits. `cam_weights()` returns W with shape [K, C, h', w'] (h', w' either 1 or h, w) such that the class
-activation map of class k is  sum_c W[k, c] * f[c]  (Zhou et al., 2016, "Learning Deep Features for
-Discriminative Localization"); a network whose head is not linear in its feature maps raises
-CamUnsupported with the reason, which the server passes on to the client.
+activation map of class k is  sum_c W[k, c] * f[c]  (the formula is `serving.cam_maths.raw_cam`, shared with the
+server); a network whose head is not linear in its feature maps raises CamUnsupported with the reason
+(`cam_unsupported_reason`), which the export records and the server passes on to the client.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from serving.cam_maths import raw_cam
 
 
 class CamUnsupported(Exception):
@@ -42,7 +44,7 @@ class ImageClassifier(nn.Module):
         return (x - self.mean) / self.std
 
     # Why a non-GAP head has no CAM; subclasses with a classic head say it in their own words.
-    classic_head_reason = "the head is not a linear map of the feature maps, so CAM is undefined"
+    cam_unsupported_reason = "the head is not a linear map of the feature maps, so CAM is undefined"
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Default: a `features` stack over the normalised input."""
@@ -56,7 +58,7 @@ class ImageClassifier(nn.Module):
         head = getattr(self, "head", None)
         if isinstance(head, GapHead):
             return head.cam_weights()
-        raise CamUnsupported(f"{type(self).__name__}: {self.classic_head_reason}")
+        raise CamUnsupported(f"{type(self).__name__}: {self.cam_unsupported_reason}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -78,9 +80,9 @@ class GapHead(nn.Module):
 
 
 def compute_cam(features: torch.Tensor, weights: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """Raw CAM [B, h, w] of classes[b] for each image (before upsampling and normalisation)."""
-    w = weights[classes]  # [B, C, h', w']
-    return (w * features).sum(dim=1)
+    """Raw CAM [B, h, w] of classes[b] for each image (before upsampling and normalisation): the server's
+    formula on torch tensors, for tests and checks that compare against PyTorch."""
+    return torch.from_numpy(raw_cam(*(t.detach().cpu().numpy() for t in (features, weights, classes))))
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1, batch_norm: bool = True) -> nn.Sequential:

@@ -24,7 +24,7 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
 
 class LeNet5(ImageClassifier):
-    classic_head_reason = ("with the classic head, the fully connected layers F5/F6 are separated by nonlinearities, "
+    cam_unsupported_reason = ("with the classic head, the fully connected layers F5/F6 are separated by nonlinearities, "
                            "so the logits are not linear in the conv maps; use head='gap' (lenet5_gap) for CAM")
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, input_size: int | Sequence[int] = (32, 32),

@@ -18,6 +18,7 @@ Both end in global average pooling + one linear layer, so CAM is defined. Residu
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +107,22 @@ def _projection(cin: int, cout: int, stride: int, batch_norm: bool) -> nn.Sequen
     return nn.Sequential(_conv1x1(cin, cout, stride, not batch_norm), _norm(batch_norm)(cout))
 
 
+Shortcut = Callable[[int, int, int], nn.Module]  # (in channels, out channels, stride) -> the shortcut branch
+
+
+def _make_layer(block: Block, cin: int, planes: int, blocks: int, stride: int, shortcut: Shortcut,
+                batch_norm: bool) -> tuple[nn.Sequential, int]:
+    """One stage, for every ResNet here: `blocks` blocks of `planes` channels, the first carrying the stride and,
+    where the shape changes, the `shortcut`; and the stage's output channels."""
+    cout = planes * block.expansion
+    layers = []
+    for j in range(blocks):
+        s = stride if j == 0 else 1
+        layers.append(block(cin, planes, s, shortcut(cin, cout, s) if (s != 1 or cin != cout) else None, batch_norm))
+        cin = cout
+    return nn.Sequential(*layers), cout
+
+
 def _init_weights(model: nn.Module, zero_init_residual: bool) -> None:
     he_init(model)
     if zero_init_residual:
@@ -139,15 +156,9 @@ class ResNet(ImageClassifier):
 
         cin, stages = 64, []
         for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
-            stride = 1 if i == 0 else 2
-            blocks = []
-            for j in range(n):
-                s = stride if j == 0 else 1
-                cout = planes * block.expansion
-                shortcut = _projection(cin, cout, s, batch_norm) if (s != 1 or cin != cout) else None
-                blocks.append(block(cin, planes, s, shortcut, batch_norm))
-                cin = cout
-            stages.append(nn.Sequential(*blocks))
+            stage, cin = _make_layer(block, cin, planes, n, 1 if i == 0 else 2, partial(_projection, batch_norm=batch_norm),
+                                     batch_norm)
+            stages.append(stage)
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.head = GapHead(cin, num_classes, dropout)
         _init_weights(self, zero_init_residual)
@@ -169,18 +180,11 @@ class CifarResNet(ImageClassifier):
         n = (depth - 2) // 6
         self.stem = nn.Sequential(_conv3x3(in_channels, widths[0], 1, not batch_norm), _norm(batch_norm)(widths[0]),
                                   nn.ReLU(inplace=True))
+        project = ZeroPadShortcut if shortcut == "A" else partial(_projection, batch_norm=batch_norm)
         cin, stages = widths[0], []
         for i, planes in enumerate(widths):
-            blocks = []
-            for j in range(n):
-                s = 2 if (i > 0 and j == 0) else 1
-                proj: nn.Module | None = None
-                if s != 1 or cin != planes:
-                    proj = (ZeroPadShortcut(cin, planes, s) if shortcut == "A"
-                            else _projection(cin, planes, s, batch_norm))
-                blocks.append(BasicBlock(cin, planes, s, proj, batch_norm))
-                cin = planes
-            stages.append(nn.Sequential(*blocks))
+            stage, cin = _make_layer(BasicBlock, cin, planes, n, 1 if i == 0 else 2, project, batch_norm)
+            stages.append(stage)
         self.stages = nn.Sequential(*stages)
         self.head = GapHead(cin, num_classes, dropout)
         _init_weights(self, zero_init_residual)

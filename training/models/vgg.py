@@ -38,7 +38,7 @@ CONFIGS: dict[str, list[int | str]] = {
 
 
 class VGG(ImageClassifier):
-    classic_head_reason = ("with the classic head, fc6/fc7 with ReLU between them are nonlinear in the conv5 maps, "
+    cam_unsupported_reason = ("with the classic head, fc6/fc7 with ReLU between them are nonlinear in the conv5 maps, "
                            "so CAM is undefined; use head='gap' (e.g. vgg16_gap)")
 
     def __init__(self, config: str | Sequence[int | str] = "D", in_channels: int = 3, num_classes: int = 1000,

@@ -107,8 +107,9 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     async def GetModel(self, request, context):
         mv = self.repo.resolve(request.model, request.version)
         pre = mv.spec.preprocessing
-        metrics = {k: str(v) for k, v in mv.metadata.get("metrics", {}).items() if not isinstance(v, (dict, list))}
-        metrics["onnx_parity_max_abs_diff"] = str(mv.metadata.get("parity_max_abs_diff", ""))
+        metrics = {k: str(v) for k, v in mv.metadata.metrics.items() if not isinstance(v, (dict, list))}
+        parity = mv.metadata.parity_max_abs_diff
+        metrics["onnx_parity_max_abs_diff"] = "" if parity is None else str(parity)
         return pb.GetModelResponse(
             name=mv.name, version=mv.version, labels=mv.spec.labels,
             preprocessing=pb.Preprocessing(channels=pre.channels, height=pre.height, width=pre.width,
@@ -116,6 +117,6 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             versions=[pb.VersionStatus(version=s.version, state=s.state, reason=s.reason)
                       for s in self.repo.statuses(mv.name)],
             metrics=metrics, execution_provider=mv.sessions.provider, supports_cam=mv.supports_cam,
-            cam_unsupported_reason=mv.cam_reason, max_batch_size=mv.spec.batching.max_batch_size,
-            architecture=mv.spec.architecture, parameters=int(mv.metadata.get("parameters", 0)))
+            cam_unsupported_reason=mv.cam_unsupported_reason, max_batch_size=mv.spec.batching.max_batch_size,
+            architecture=mv.spec.architecture, parameters=int(mv.metadata.parameters))
 

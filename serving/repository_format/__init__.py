@@ -12,9 +12,13 @@ Layout of a model repository (Triton's):
     <repo>/<model>/<version>/metadata.json   metrics, parity error, precision (ours; Triton ignores it)
     <repo>/<model>/<version>/cam_weights.npy W [K, C, h', w'] for class activation maps (ours)
 
+config.pbtxt is parsed in Triton's own schema, so every config Triton accepts parses; a feature this server
+does not serve is refused or warned by name (`unserved_features`). `build_config` writes what the exporter needs.
+
 Model-level extras live in `parameters` as strings: `preprocessing` (JSON: channels, height, width, mean,
 std), `architecture`, `features_output` (the output holding the last conv maps). The parameter count is
-in metadata.json (`parameters`), with the other facts of one version.
+in metadata.json (`parameters`), with the other facts of one version: `VersionMetadata` is that file, read
+and written only here.
 
 Every file of a model, those the layout names and those its config names (`label_filename`), is read
 only from inside the model's directory: `model_file` resolves the path, symlinks included, and refuses
@@ -25,25 +29,30 @@ Whoever may put a model into a repository can then make the server read nothing 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import text_format
 
-from .wire.inference import model_config_pb2 as mc
+from ..wire.inference import model_config_pb2 as mc
+from .features import unserved_features
 
 # The repository bundled with a checkout (the Fashion-MNIST model): what `serve` and the Ray engine use
 # when no repository is named.
-BUNDLED_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+BUNDLED_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 CONFIG_FILE = "config.pbtxt"
 PLATFORM = "onnxruntime_onnx"  # Triton's name for what serves these models
 LABELS_FILE = "labels.txt"
 MODEL_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
 CAM_WEIGHTS_FILE = "cam_weights.npy"
+# The `parameters` of config.pbtxt this format reads (any other is named as not applied).
+MODEL_PARAMETERS = ("preprocessing", "architecture", "features_output")
 
 
 class ConfigError(ValueError):
@@ -94,6 +103,7 @@ class ModelSpec:
     features_output: str | None
     architecture: str
     batching: BatchingOptions
+    warnings: list[str] = field(default_factory=list)  # config features not applied, by name (see unserved_features)
 
     @property
     def num_classes(self) -> int:
@@ -107,6 +117,54 @@ class ModelSpec:
     def logits_shape(self) -> list[int]:
         """The logits output's dims without the batch, from the config ([1] for a binary model)."""
         return self.output_dims(self.logits_output) or [self.num_classes]
+
+
+@dataclass
+class VersionMetadata:
+    """`<version>/metadata.json`: the facts of one exported version (what the exporter and the quantiser measured,
+    what the server reports). Keys the format does not know are kept in `extra` and written back."""
+    architecture: str = ""
+    parameters: int = 0
+    precision: str = "fp32"
+    opset: int = 0
+    exported_at: str = ""
+    onnx_bytes: int = 0
+    parity_max_abs_diff: float | None = None
+    parity_data: str = ""  # what the parity check ran on
+    metrics: dict[str, Any] = field(default_factory=dict)  # test_acc, test_loss, ... of this version's own file
+    cam_unsupported_reason: str = ""  # why the model cannot explain ("" when it can)
+    # A reduced-precision version: what it was derived from and measured on.
+    derived_from_version: int | None = None
+    fp32_test_acc: float | None = None
+    accuracy_change_vs_fp32: float | None = None
+    measured_on: str = ""
+    calibration: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VersionMetadata:
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in data.items() if k in known},
+                   extra={k: v for k, v in data.items() if k not in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object, without the fields that are unset (None or "")."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**{k: v for k, v in data.items() if v is not None and v != ""}, **self.extra}
+
+    @classmethod
+    def read(cls, path: Path) -> VersionMetadata:
+        """The metadata of a version directory or file (`path`); empty when it has none."""
+        path = path / METADATA_FILE if path.is_dir() else path
+        if not path.exists():
+            return cls()
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_dict(data)
+
+    def write(self, version_dir: Path) -> None:
+        (version_dir / METADATA_FILE).write_text(json.dumps(self.to_dict(), indent=1))
 
 
 def class_count(logit_count: int) -> int:
@@ -134,18 +192,38 @@ def version_file(model_dir: Path, version: int, name: str) -> Path:
 
 
 def read_config(model_dir: Path) -> mc.ModelConfig:
+    """config.pbtxt in Triton's schema. A field Triton does not know is an error naming the file, line and
+    column, as in Triton."""
     path = model_file(model_dir, CONFIG_FILE, CONFIG_FILE)
     if not path.exists():
         raise ConfigError(f"{path} is missing")
     try:
-        # Unknown fields (Triton options we do not use) are accepted, so Triton configs load unchanged.
-        return text_format.Parse(path.read_text(), mc.ModelConfig(), allow_unknown_field=True)
+        return text_format.Parse(path.read_text(), mc.ModelConfig())
     except text_format.ParseError as e:
-        raise ConfigError(f"{path}: {e}") from e
+        raise ConfigError(f"{path}:{e.GetLine()}:{e.GetColumn()}: {str(e).split(' : ', 1)[-1]}") from e
 
 
 def write_config(model_dir: Path, config: mc.ModelConfig) -> None:
     (model_dir / CONFIG_FILE).write_text(text_format.MessageToString(config))
+
+
+def build_config(name: str, preprocessing: Preprocessing, input_name: str, logits: tuple[str, int],
+                 features: tuple[str, list[int]], max_batch_size: int, parameters: dict[str, str]) -> mc.ModelConfig:
+    """The config.pbtxt of an exported classifier: one FP32 [C, H, W] input, the logits ([K]) and the last conv
+    maps (for CAM), dynamic batching up to `max_batch_size`, the newest version served."""
+    pre = preprocessing
+    cfg = mc.ModelConfig(name=name, platform=PLATFORM, max_batch_size=max_batch_size)
+    cfg.input.add(name=input_name, data_type=mc.TYPE_FP32, format=mc.ModelInput.FORMAT_NCHW,
+                  dims=[pre.channels, pre.height, pre.width])
+    cfg.output.add(name=logits[0], data_type=mc.TYPE_FP32, dims=[logits[1]], label_filename=LABELS_FILE)
+    cfg.output.add(name=features[0], data_type=mc.TYPE_FP32, dims=features[1])
+    cfg.dynamic_batching.max_queue_delay_microseconds = 0
+    cfg.dynamic_batching.preferred_batch_size.append(max_batch_size)
+    cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_AUTO)
+    cfg.version_policy.latest.num_versions = 1
+    for key, value in {"preprocessing": pre.to_json(), "features_output": features[0], **parameters}.items():
+        cfg.parameters[key].string_value = value
+    return cfg
 
 
 def load_spec(model_dir: Path, defaults: BatchingOptions | None = None, overrides: dict | None = None) -> ModelSpec:
@@ -154,6 +232,12 @@ def load_spec(model_dir: Path, defaults: BatchingOptions | None = None, override
     name = config.name or model_dir.name
     if config.name and config.name != model_dir.name:
         raise ConfigError(f"{model_dir}: config name {config.name!r} differs from the directory name")
+    refused, warnings = unserved_features(config, MODEL_PARAMETERS)
+    if config.default_model_filename not in ("", MODEL_FILE):
+        refused.append(f"default_model_filename: {config.default_model_filename!r}: a version's model is "
+                       f"<version>/{MODEL_FILE}")
+    if refused:
+        raise ConfigError(f"{model_dir / CONFIG_FILE}: not served here: " + "; ".join(refused))
     if config.platform not in ("", PLATFORM) or config.backend not in ("", "onnxruntime"):
         raise ConfigError(f"{model_dir}: platform {config.platform or config.backend!r} is not onnxruntime_onnx")
     if len(config.input) != 1:
@@ -186,7 +270,7 @@ def load_spec(model_dir: Path, defaults: BatchingOptions | None = None, override
     for key, value in (overrides or {}).items():
         setattr(batching, key, value)
     return ModelSpec(name, model_dir, config, labels, pre, inp.name, logits_output.name, features_output,
-                     params.get("architecture", ""), batching)
+                     params.get("architecture", ""), batching, warnings)
 
 
 def _batching_options(config: mc.ModelConfig, defaults: BatchingOptions) -> BatchingOptions:
@@ -215,9 +299,9 @@ def _batching_options(config: mc.ModelConfig, defaults: BatchingOptions) -> Batc
     return opts
 
 
-def read_metadata(model_dir: Path, version: int) -> dict:
-    path = version_file(model_dir, version, METADATA_FILE)
-    return json.loads(path.read_text()) if path.exists() else {}
+def read_metadata(model_dir: Path, version: int) -> VersionMetadata:
+    """A served version's metadata.json, confined like every file of the model."""
+    return VersionMetadata.read(version_file(model_dir, version, METADATA_FILE))
 
 
 def list_versions(model_dir: Path) -> list[int]:
