@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from serving import cam_maths
 from serving.engine import cam
 from serving.engine.errors import InvalidInput, ModelNotFound
 from serving.engine.execution import probabilities
@@ -67,7 +68,7 @@ def test_cam_is_the_class_weights_over_the_feature_maps(loaded):
         target = 4 if i == 3 else int(r.ranking[0, 0])
         assert r.target_classes.tolist() == [target]
         raw = np.einsum("c,chw->hw", weights[target].reshape(-1), r.features[0])
-        expected = cam.upsample(raw[None], (28, 28))[0]
+        expected = cam_maths.upsample(raw[None], (28, 28))[0]
         expected = (expected - expected.min()) / (expected.max() - expected.min())
         np.testing.assert_allclose(r.cams[0], expected, atol=1e-5)
         assert r.cams.min() == 0 and abs(r.cams.max() - 1) < 1e-6
