@@ -1,6 +1,7 @@
 """The gRPC server: classifier.v1, KServe v2 (inference.GRPCInferenceService), health and reflection on
-one port, over one model repository, and KServe v2 REST on another (http/); its start (TLS, tokens, the refusal to listen unprotected beyond
-loopback, the bounds on connections), its readiness, and its drain on SIGTERM."""
+one port, over one model repository, and KServe v2 REST on another (http/); its start (TLS, tokens, the
+refusal to listen unprotected beyond loopback, the bounds on connections), its readiness, and its drain on
+SIGTERM."""
 
 from __future__ import annotations
 
