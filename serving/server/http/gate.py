@@ -6,7 +6,8 @@
    its KServe method needs on gRPC (`handlers.required_role`), and admitted (503 while the server drains);
    every refusal gets an audit line;
 3. only then is the body read: at most --max-message-mb (413 past it, from the Content-Length before a byte
-   is read), within `body_timeout_s` (408 for a body that trickles in);
+   is read), within `body_timeout_s` (408 for a body that trickles in), into one buffer of its size, and
+   only while the bodies being read at once stay within BODY_BUDGET_BODIES such limits (429 past it);
 4. any error becomes `{"error": "..."}` with the HTTP status of its gRPC code (`api/status.py` maps the
    server's errors to gRPC codes, `HTTP_STATUS` below maps those to HTTP).
 """
@@ -26,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from ..access import Access, RefusalLog, Role
 from ..api.status import status_of
 from ..drain import Admission
-from ..errors import InvalidInput, ServingError
+from ..errors import InvalidInput, QueueFull, ServingError
 from ..handlers import KSERVE, required_role
 from ..tracing import Tracing, call_span
 
@@ -41,6 +42,7 @@ HTTP_STATUS = {
     grpc.StatusCode.DATA_LOSS: 500,
 }
 JSON = "application/json"
+BODY_BUDGET_BODIES = 4  # the budget of bytes being read at once, in largest bodies
 
 
 class Aborted(Exception):
@@ -104,17 +106,38 @@ class Call:
         self._request, self._gate = request, gate
         self.context = HttpCall(metadata)
 
-    async def body(self) -> bytes:
-        request, limit = self._request, self._gate.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise TooLarge(f"the body is {request.content_length} bytes; the limit is {limit} (--max-message-mb)")
+    async def body(self) -> bytes | bytearray:
+        """The whole body, read into one buffer of its announced size (a chunked body: at most the limit), within
+        the body timeout and the gate's budget of bytes being read at once."""
+        request, gate = self._request, self._gate
+        limit, n = gate.max_body_bytes, self._request.content_length
+        if n is not None and n > limit:
+            raise TooLarge(f"the body is {n} bytes; the limit is {limit} (--max-message-mb)")
+        if n == 0 or (n is None and not request.body_exists):
+            return b""
+        reserved = limit if n is None else n
+        if gate.reading + reserved > gate.body_budget:
+            raise QueueFull(f"the server is reading {gate.reading} bytes of other bodies (its budget is "
+                            f"{gate.body_budget}); retry shortly")
+        gate.reading += reserved
         try:
-            async with asyncio.timeout(self._gate.body_timeout_s):
-                return await request.read()
+            async with asyncio.timeout(gate.body_timeout_s):
+                if n is None:
+                    return await request.read()  # chunked: aiohttp stops it at client_max_size (413)
+                buffer, filled = bytearray(n), 0
+                while filled < n:
+                    chunk = await request.content.readany()
+                    if not chunk:
+                        raise InvalidInput(f"the body ended after {filled} of its {n} bytes")
+                    buffer[filled:filled + len(chunk)] = chunk
+                    filled += len(chunk)
+                return buffer
         except TimeoutError:
-            raise SlowBody(f"the body did not arrive within {self._gate.body_timeout_s:g} s") from None
+            raise SlowBody(f"the body did not arrive within {gate.body_timeout_s:g} s") from None
         except web.HTTPRequestEntityTooLarge:
             raise TooLarge(f"the body is over the limit of {limit} bytes (--max-message-mb)") from None
+        finally:
+            gate.reading -= reserved
 
 
 class TooLarge(InvalidInput):
@@ -132,6 +155,10 @@ class HttpGate:
                  body_timeout_s: float, tracing: Tracing | None = None, refusals: RefusalLog | None = None):
         self.access, self.admission = access, admission
         self.max_body_bytes, self.body_timeout_s = max_body_bytes, body_timeout_s
+        # Bodies being read at once hold at most this many bytes (announced sizes; a chunked body counts as the
+        # limit): past it a call is answered 429 at once, so many large bodies cannot add up to unbounded memory.
+        self.body_budget = BODY_BUDGET_BODIES * max_body_bytes
+        self.reading = 0
         self.tracing = tracing or Tracing()
         self.refusals = refusals or RefusalLog()
         self.calls = Counter("http_requests_total", "REST calls by KServe method and HTTP status",

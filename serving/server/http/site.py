@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from importlib import resources
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
 
 from ..access import Access, TlsFiles
 from ..api.kserve.service import KServeService
@@ -34,6 +34,20 @@ PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src
                "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse at ERROR with a traceback: a malformed request is the client's
+    doing (answered 400), so it becomes one DEBUG line; a flood of them is no flood of tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, http_exceptions.HttpProcessingError):
+            record.msg, record.args = "malformed request refused: %s", (str(error).splitlines()[0][:200],)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger("aiohttp.server").isEnabledFor(logging.DEBUG)
+        return True
+
+
 def _page_file(name: str, content_type: str):
     body = resources.files(__package__).joinpath("static", name).read_bytes()
 
@@ -47,6 +61,9 @@ def _page_file(name: str, content_type: str):
 class HttpSite:
     def __init__(self, service: KServeService, access: Access, admission: Admission, metrics: Metrics,
                  max_body_bytes: int, body_timeout_s: float = 30.0, tracing: Tracing | None = None):
+        server_log = logging.getLogger("aiohttp.server")
+        if not any(isinstance(f, _MalformedRequests) for f in server_log.filters):
+            server_log.addFilter(_MalformedRequests())
         self.gate = HttpGate(access, admission, metrics.registry, max_body_bytes, body_timeout_s, tracing)
         self.app = web.Application(client_max_size=max_body_bytes, handler_args={"max_field_size": 8190})
         add_routes(self.app.router, KServeRoutes(service), self.gate)
