@@ -46,7 +46,7 @@ def _model_paths(prefix: str, params: list[dict]) -> dict:
                                "Inference-Header-Content-Length response header) then their bytes",
                 "content": {"application/json": {"schema": _ref("InferResponse")},
                             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
-    not_ready = {"400": _json(_ref("ModelReady"), "not ready")}
+    not_ready = {"400": _json({"oneOf": [_ref("ModelReady"), _ref("Error")]}, "not ready, or a malformed version")}
     return {
         prefix: {"parameters": params, "get": _op("model metadata", _json(_ref("ModelMetadata")))},
         prefix + "/ready": {"parameters": params,
