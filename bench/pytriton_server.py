@@ -2,8 +2,9 @@
 
 Run with a Python that has `nvidia-pytriton` and `onnxruntime` (its own virtual environment; on CPU, with
 LD_LIBRARY_PATH pointing at that Python's lib/ so the bundled tritonserver finds libpython):
-    python bench/pytriton_server.py MODEL_DIR NAME GRPC_PORT MAX_BATCH
-Prints `SERVING 127.0.0.1:PORT` when ready, like `python -m serving serve`.
+    python bench/pytriton_server.py MODEL_DIR NAME GRPC_PORT MAX_BATCH [HTTP_PORT]
+Prints `SERVING 127.0.0.1:PORT` (the gRPC port) when ready, like `python -m serving serve`; Triton's HTTP front
+end listens on HTTP_PORT (a free port when not given).
 """
 
 import os
@@ -35,7 +36,8 @@ def main() -> None:
     def infer(input: np.ndarray):  # noqa: A002 - the tensor's name on the wire
         return {"logits": session.run(["logits"], {"input": input})[0]}
 
-    config = TritonConfig(grpc_port=grpc_port, http_port=free_port(), metrics_port=free_port())
+    http_port = int(sys.argv[5]) if len(sys.argv) > 5 else free_port()
+    config = TritonConfig(grpc_port=grpc_port, http_port=http_port, metrics_port=free_port())
     with Triton(config=config) as triton:
         triton.bind(model_name=name, infer_func=infer,
                     inputs=[Tensor(name="input", dtype=np.float32, shape=shape)],
