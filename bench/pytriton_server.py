@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 from pytriton.decorators import batch
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-from pytriton.triton import Triton, TritonConfig
+from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
 
 def free_port() -> int:
@@ -38,7 +38,9 @@ def main() -> None:
 
     http_port = int(sys.argv[5]) if len(sys.argv) > 5 else free_port()
     config = TritonConfig(grpc_port=grpc_port, http_port=http_port, metrics_port=free_port())
-    with Triton(config=config) as triton:
+    # No endpoint restricted to an access token: perf_analyzer reads the model's statistics and configuration,
+    # which PyTriton otherwise keeps behind a token of its own (a local benchmark, on loopback).
+    with Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=[])) as triton:
         triton.bind(model_name=name, infer_func=infer,
                     inputs=[Tensor(name="input", dtype=np.float32, shape=shape)],
                     outputs=[Tensor(name="logits", dtype=np.float32, shape=(classes,))],

@@ -413,3 +413,36 @@ def test_schemathesis_from_the_served_document(small_repo, tmp_path):
                          for sample in m.samples if sample.name == "http_requests_total"
                          and sample.labels["status"] == "500" for v in [sample.value])
         assert served_500 == 0
+
+
+def test_https_with_the_grpc_ports_files_and_client_certificates(small_repo, tmp_path):
+    """The REST port is HTTPS with the server's TLS files; under mutual TLS a client without a certificate of
+    the CA is refused by the handshake, and an admin identity may manage over REST as over gRPC."""
+    import ssl
+
+    from serving.server.access import TlsFiles
+    from tests.pki import make_pki
+    pki = make_pki(tmp_path / "pki")
+    tls = TlsFiles(str(pki.server_cert), str(pki.server_key), str(pki.ca))
+    with running_server(small_repo, http_port=0, tls=tls, admin_identities=("operator",)) as s:
+        port = s.server.http_port
+
+        def call(method: str, path: str, cert=None) -> int:
+            context = ssl.create_default_context(cafile=str(pki.ca))
+            if cert:
+                context.load_cert_chain(*cert)
+            conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+            try:
+                conn.request(method, path)
+                return conn.getresponse().status
+            finally:
+                conn.close()
+
+        client, operator = (pki.client_cert, pki.client_key), (pki.operator_cert, pki.operator_key)
+        assert call("GET", f"/v2/models/{MODEL}", client) == 200
+        assert call("POST", f"/v2/repository/models/{MODEL}/load", client) == 403
+        assert call("POST", f"/v2/repository/models/{MODEL}/load", operator) == 200
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            call("GET", "/v2/health/ready")  # no client certificate
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            call("GET", "/v2/health/ready", (pki.stranger_cert, pki.stranger_key))
