@@ -330,7 +330,7 @@ def test_memory_stays_bounded_under_many_large_bodies(rest_server):
     for t in threads:
         t.join(30)
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    assert set(statuses) == {408, 429} and statuses.count(408) <= 4, statuses
+    assert set(statuses) == {408, 429} and statuses.count(429) >= len(statuses) // 2, statuses
     assert grown_mb < 4 * 64 + 100, grown_mb
     assert rest(a, "GET", "/v2/health/ready")[0] == 200
 
