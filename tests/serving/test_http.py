@@ -446,3 +446,18 @@ def test_https_with_the_grpc_ports_files_and_client_certificates(small_repo, tmp
             call("GET", "/v2/health/ready")  # no client certificate
         with pytest.raises((ssl.SSLError, ConnectionError)):
             call("GET", "/v2/health/ready", (pki.stranger_cert, pki.stranger_key))
+
+
+def test_slow_headers_and_idle_connections_are_closed(small_repo, monkeypatch):
+    """A client that never finishes its headers (slowloris), or keeps a connection idle, is closed after the
+    site's idle timeout."""
+    from serving.server.http import site
+    monkeypatch.setattr(site, "IDLE_TIMEOUT_S", 1.0)
+    with running_server(small_repo, http_port=0) as s:
+        port = s.server.http_port
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow, \
+                socket.create_connection(("127.0.0.1", port), timeout=10) as idle:
+            slow.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+            started = time.monotonic()
+            assert slow.recv(100) == b"" and idle.recv(100) == b""  # closed by the server
+            assert time.monotonic() - started < 5
