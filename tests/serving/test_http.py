@@ -406,7 +406,7 @@ def test_schemathesis_from_the_served_document(small_repo, tmp_path):
              "--checks", "status_code_conformance,content_type_conformance,response_schema_conformance",
              "--max-examples", "30", "--max-time", "40", "--seed", "7", "--workers", "1", "--request-timeout", "10",
              "--exclude-path-regex", "/(load|unload)$", "--report-dir", str(tmp_path)],
-            capture_output=True, text=True, timeout=240)
+            capture_output=True, text=True, timeout=240, cwd=tmp_path)  # its cache goes to tmp_path/.schemathesis
         assert done.returncode == 0, done.stdout[-4000:]
         statuses = s.server.metrics.registry
         served_500 = sum(v for m in statuses.collect() if m.name == "http_requests"
