@@ -8,7 +8,7 @@ TORCH_INDEX ?= $(shell [ -d /opt/wheels ] || command -v nvidia-smi >/dev/null 2>
 PORT ?= 8001
 REPO ?= model_repository
 
-.PHONY: setup setup-serving demo serve test test-fast lint proto train-default bench gpu-check containers clean
+.PHONY: browser setup setup-serving demo serve test test-fast lint proto train-default bench gpu-check containers clean
 
 $(VENV)/.serving: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,16 @@ $(VENV)/.full: pyproject.toml
 	touch $(VENV)/.serving $@
 
 setup-serving: $(VENV)/.serving   ## the server and the client (no torch): what `make demo` needs
-setup: $(VENV)/.full              ## everything: server, training, reports, tests, lint
+setup: $(VENV)/.full browser      ## everything: server, training, reports, tests, lint
+
+# The page's browser test drives the system's Chromium (Playwright, no download of its own). Installed with
+# apt-get where that can run (root); elsewhere the test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
+	      || echo "chromium could not be installed: the page's browser test will be skipped"; \
+	  else echo "no chromium and no apt-get as root: the page's browser test will be skipped"; fi
 
 demo: setup-serving               ## serve the bundled model, classify and explain sample images, stop
 	@bash scripts/demo.sh $(PY) $(PORT)

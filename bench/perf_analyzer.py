@@ -2,6 +2,7 @@
 
     python bench/perf_analyzer.py                          # set up once, then concurrency 1, 8, 64
     python bench/perf_analyzer.py --concurrency 1,8,64,256 --out bench/results/cpu_perf_analyzer.md
+    python bench/perf_analyzer.py --protocol grpc,http      # also over REST (Triton's binary tensor extension)
 
 perf_analyzer comes from PyPI (`perf-analyzer`). Its binary needs glibc 2.38 and a newer libstdc++ than
 Debian 12 has, so Debian 13's libc6, libstdc++6 and libgcc-s1 are downloaded (`apt-get download` with a
@@ -88,20 +89,21 @@ def perf_analyzer_command(home: Path, binary: Path) -> list[str]:
 
 
 def run_perf_analyzer(command: list[str], address: str, model: str, concurrency: int, seconds: float,
-                      stability: int) -> dict:
+                      stability: int, protocol: str = "grpc") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "pa.csv"
-        done = subprocess.run([*command, "-m", model, "-i", "grpc", "-u", address, "--concurrency-range",
+        done = subprocess.run([*command, "-m", model, "-i", protocol, "-u", address, "--concurrency-range",
                                f"{concurrency}:{concurrency}", "--measurement-interval", str(int(seconds * 1000)),
                                "--stability-percentage", str(stability), "--max-trials", "20", "-f", str(report)],
                               capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-5:])
-            raise SystemExit(f"perf_analyzer failed at concurrency {concurrency} (exit {done.returncode}):\n{tail}")
+            raise SystemExit(f"perf_analyzer -i {protocol} failed at concurrency {concurrency} "
+                             f"(exit {done.returncode}):\n{tail}")
         (row,) = list(csv.DictReader(report.open()))
     server_us = {k: float(row[k]) for k in ("Server Queue", "Server Compute Input", "Server Compute Infer",
                                              "Server Compute Output")}
-    return {"tool": "perf_analyzer", "clients": concurrency, "infer_per_s": float(row["Inferences/Second"]),
+    return {"tool": f"perf_analyzer -i {protocol}", "clients": concurrency, "infer_per_s": float(row["Inferences/Second"]),
             "p50_ms": float(row["p50 latency"]) / 1000, "p99_ms": float(row["p99 latency"]) / 1000,
             "server": "queue {Server Queue:.0f} + input {Server Compute Input:.0f} + infer {Server Compute Infer:.0f} "
                       "+ output {Server Compute Output:.0f} us".format(**server_us)}
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the repository to serve (--repository: the older spelling)")
     p.add_argument("--model", default="fashion_mnist")
     p.add_argument("--concurrency", default="1,8,64")
+    p.add_argument("--protocol", default="grpc", help="grpc, http (the REST port, binary tensors) or both: grpc,http")
     p.add_argument("--seconds", type=float, default=5.0, help="measurement window of each row")
     p.add_argument("--stability", type=int, default=10, help="perf_analyzer's --stability-percentage (its "
                    "default 10; a busy 2-core machine may need more)")
@@ -126,8 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.setup_only:
         print(" ".join(command))
         return 0
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        http_port = s.getsockname()[1]
     server, address = start_process(["-m", "serving", "serve", "--model-repository", args.repository, "--port", "0",
-                                     "--log-level", "WARNING"], env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                     "--http-port", str(http_port), "--log-level", "WARNING"],
+                                    env={**os.environ, "PYTHONPATH": str(ROOT)})
+    urls = {"grpc": address, "http": f"127.0.0.1:{http_port}"}
     rows = []
     try:
         from serving.client import ClassifierClient
@@ -137,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("the project's client row needs a square input")
         payload = _kserve_request(args.model, channels, height)
         for c in (int(c) for c in args.concurrency.split(",")):
-            rows.append(run_perf_analyzer(command, address, args.model, c, args.seconds, args.stability))
+            for protocol in args.protocol.split(","):
+                rows.append(run_perf_analyzer(command, urls[protocol], args.model, c, args.seconds, args.stability,
+                                              protocol))
             r = asyncio.run(drive(address, METHOD, payload, 1, c, args.seconds, server.pid))
             rows.append({"tool": "project client (KServe ModelInfer)", "clients": c, "infer_per_s": r.requests_per_s,
                          "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "server": f"{r.errors} errors"})

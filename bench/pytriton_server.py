@@ -2,8 +2,9 @@
 
 Run with a Python that has `nvidia-pytriton` and `onnxruntime` (its own virtual environment; on CPU, with
 LD_LIBRARY_PATH pointing at that Python's lib/ so the bundled tritonserver finds libpython):
-    python bench/pytriton_server.py MODEL_DIR NAME GRPC_PORT MAX_BATCH
-Prints `SERVING 127.0.0.1:PORT` when ready, like `python -m serving serve`.
+    python bench/pytriton_server.py MODEL_DIR NAME GRPC_PORT MAX_BATCH [HTTP_PORT]
+Prints `SERVING 127.0.0.1:PORT` (the gRPC port) when ready, like `python -m serving serve`; Triton's HTTP front
+end listens on HTTP_PORT (a free port when not given).
 """
 
 import os
@@ -14,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 from pytriton.decorators import batch
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-from pytriton.triton import Triton, TritonConfig
+from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
 
 def free_port() -> int:
@@ -35,8 +36,11 @@ def main() -> None:
     def infer(input: np.ndarray):  # noqa: A002 - the tensor's name on the wire
         return {"logits": session.run(["logits"], {"input": input})[0]}
 
-    config = TritonConfig(grpc_port=grpc_port, http_port=free_port(), metrics_port=free_port())
-    with Triton(config=config) as triton:
+    http_port = int(sys.argv[5]) if len(sys.argv) > 5 else free_port()
+    config = TritonConfig(grpc_port=grpc_port, http_port=http_port, metrics_port=free_port())
+    # No endpoint restricted to an access token: perf_analyzer reads the model's statistics and configuration,
+    # which PyTriton otherwise keeps behind a token of its own (a local benchmark, on loopback).
+    with Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=[])) as triton:
         triton.bind(model_name=name, infer_func=infer,
                     inputs=[Tensor(name="input", dtype=np.float32, shape=shape)],
                     outputs=[Tensor(name="logits", dtype=np.float32, shape=(classes,))],

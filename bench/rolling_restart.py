@@ -80,7 +80,7 @@ class Replica:
         log = self.log_path.open("a")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "serving", "serve", "--model-repository", str(self.repository), "--port",
-             str(self.port), *self.flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
+             str(self.port), "--http-port", "0", *self.flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
         log.close()
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
@@ -104,7 +104,11 @@ def envoy_config(ports: list[int], listen_port: int, admin_port: int, access_log
     log of every call (its start, replica, tries and gRPC status) when asked."""
     config = yaml.safe_load((ROOT / "deploy" / "envoy" / "envoy.yaml").read_text())
     config["admin"]["address"]["socket_address"]["port_value"] = admin_port
-    listener = config["static_resources"]["listeners"][0]
+    resources = config["static_resources"]
+    # The gRPC path alone: the REST listener and its cluster are left out (their ports are not substituted).
+    resources["listeners"] = [x for x in resources["listeners"] if x["name"] == "grpc"]
+    resources["clusters"] = [c for c in resources["clusters"] if c["name"] == "servers"]
+    listener = resources["listeners"][0]
     listener["address"]["socket_address"].update(address="127.0.0.1", port_value=listen_port)
     if access_log is not None:
         line = ("%START_TIME(%s.%3f)% %DURATION% %REQ(:PATH)% %UPSTREAM_HOST% tries=%UPSTREAM_REQUEST_ATTEMPT_COUNT% "

@@ -106,7 +106,9 @@ def bench_in_process(path: Path, shape: tuple[int, ...], batches: list[int], sec
 def start_process(args: list[str], timeout_s: float = 180, python: str = sys.executable,
                   env: dict | None = None, cwd: Path = ROOT, stdin=None) -> tuple[subprocess.Popen, str]:
     """Start a process that prints `SERVING host:port` when it serves (the server, the echo server, a bench's
-    receiver), from `cwd` (another checkout, to compare with); (process, address)."""
+    receiver), from `cwd` (another checkout, to compare with); (process, address). A server gets no fixed REST
+    port (CNN_SERVING_HTTP_PORT=0 unless the environment given sets it), so that several can run at once."""
+    env = {"CNN_SERVING_HTTP_PORT": "0", **(os.environ if env is None else env)}
     proc = subprocess.Popen([python, *args], stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True, env=env, cwd=cwd)
     end = time.time() + timeout_s

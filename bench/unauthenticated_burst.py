@@ -53,7 +53,8 @@ class ServerProcess:
         self._tokens.close()
         cmd = [sys.executable, "-m", "serving", "serve", "--port", "0", "--auth-token-file", self._tokens.name,
                *(["--model-repository", repository] if repository else []), *flags]
-        self.proc = subprocess.Popen(cmd, cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(cmd, cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "CNN_SERVING_HTTP_PORT": "0"})  # no fixed REST port
         for line in self.proc.stdout:
             if line.startswith("SERVING"):
                 self.address = line.split()[1]

@@ -48,7 +48,8 @@ def main() -> int:
     offline = sess.run(["logits"], {"input": images[:, None].astype(np.float32) / 255})[0].argmax(1)
 
     proc = subprocess.Popen([sys.executable, "-m", "serving", "serve", "--model-repository", args.repository,
-                             "--port", "0", "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+                             "--port", "0", "--http-port", "0", "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True,
+                            cwd=ROOT)
     address = proc.stdout.readline().split()[1]
     try:
         with ClassifierClient(address) as client:

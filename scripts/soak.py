@@ -237,7 +237,7 @@ def rss_mb(pid: int) -> tuple[float, float]:
 
 
 def start_server(args, token: str) -> tuple[subprocess.Popen, str, list[str]]:
-    env = dict(os.environ, CNN_SERVING_AUTH_TOKENS=token)
+    env = dict(os.environ, CNN_SERVING_AUTH_TOKENS=token, CNN_SERVING_HTTP_PORT="0")
     cmd = [sys.executable, "-m", "serving", "serve", "--host", "127.0.0.1", "--port", "0",
            "--drain-delay", str(args.drain_delay), "--exit-timeout", str(args.exit_timeout), "--log-level", "WARNING"]
     if args.model_repository:

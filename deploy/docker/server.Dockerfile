@@ -30,13 +30,14 @@ COPY --chown=10001:10001 model_repository /models
 ENV CNN_SERVING_MODEL_REPOSITORY=/models \
     CNN_SERVING_HOST=0.0.0.0 \
     CNN_SERVING_PORT=8001 \
+    CNN_SERVING_HTTP_PORT=8000 \
     CNN_SERVING_METRICS_PORT=9090 \
     CNN_SERVING_METRICS_HOST=0.0.0.0 \
     CNN_SERVING_DRAIN_DELAY=5 \
     CNN_SERVING_EXIT_TIMEOUT=30 \
     PYTHONDONTWRITEBYTECODE=1
 USER 10001
-EXPOSE 8001 9090
+EXPOSE 8001 8000 9090
 # The standard gRPC health service, asked by a shell script (no Python process per probe).
 HEALTHCHECK --interval=10s --timeout=4s --start-period=30s --retries=3 CMD ["grpc-health"]
 ENTRYPOINT ["python", "-m", "serving", "serve"]

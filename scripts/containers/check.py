@@ -100,7 +100,7 @@ def check_images(_args) -> None:
 
 def _outside_server(port: int) -> subprocess.Popen:
     server = subprocess.Popen([sys.executable, "-m", "serving", "serve", "--model-repository",
-                               str(ROOT / "model_repository"), "--port", str(port), "--metrics-port", "0"],
+                               str(ROOT / "model_repository"), "--port", str(port), "--metrics-port", "0", "--http-port", "0"],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in server.stdout:
         if line.startswith("SERVING"):

@@ -1,6 +1,7 @@
 """The gRPC server: classifier.v1, KServe v2 (inference.GRPCInferenceService), health and reflection on
-one port, over one model repository; its start (TLS, tokens, the refusal to listen unprotected beyond
-loopback, the bounds on connections), its readiness, and its drain on SIGTERM."""
+one port, over one model repository, and KServe v2 REST on another (http/); its start (TLS, tokens, the
+refusal to listen unprotected beyond loopback, the bounds on connections), its readiness, and its drain on
+SIGTERM."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from .api.kserve import service as kserve
 from .connections import ConnectionLimits, ConnectionWatch, cut_connections, listen_address
 from .drain import QUIET_LIMIT_S, Admission
 from .handlers import CallGate, WrappingRegistrar
+from .http.site import HttpSite
 from .metrics import Metrics
 from .repository import ModelRepository
 from .tracing import TraceConfig, Tracing
@@ -60,6 +62,9 @@ class ServerOptions:
     strict_readiness: bool = True           # ready only when every model to serve has a ready version
     trace: TraceConfig = field(default_factory=TraceConfig)  # OpenTelemetry tracing (off by default)
     default_model: str = ""                 # the model of a request that names none ("": the only one served)
+    http_port: int | None = None            # the KServe v2 REST port on the same host (0 = any free port; None = off)
+    http_body_timeout_s: float = 30.0       # the longest a REST request's body may take to arrive
+    reuse_port: bool = False                # SO_REUSEPORT on the REST port: several server processes share it
 
 
 class InferenceServer:
@@ -83,6 +88,8 @@ class InferenceServer:
         self.started_at = time.time()
         self._health_names: list[str] = []
         self.connection_watch: ConnectionWatch | None = None
+        self.http: HttpSite | None = None
+        self.http_port = 0
         self._last_readiness: tuple[bool, str] | None = None
 
     def _grpc_options(self) -> list[tuple[str, int]]:
@@ -111,6 +118,10 @@ class InferenceServer:
                 await self.metrics.serve(o.metrics_port, o.metrics_host)
             except OSError as e:
                 raise StartRefused(f"--metrics-port {o.metrics_port} on {o.metrics_host}: {e.strerror or e}") from None
+        if o.http_port is not None:  # before loading too; health answers "not ready" over REST meanwhile
+            self.http = HttpSite(kserve.KServeService(self.repository, self.readiness, self.tracing), self.access,
+                                 self.admission, self.metrics, o.max_message_bytes, o.http_body_timeout_s, self.tracing)
+            self.http_port = await self.http.start(o.host, o.http_port, o.tls or None, o.reuse_port)
         await self.repository.load_all()
         self.server = grpc.aio.server(options=self._grpc_options())
         # Our services' handlers are wrapped once: counted, caller checked and admitted, then the body read.
@@ -144,8 +155,9 @@ class InferenceServer:
         self.repository.on_change = self.update_health
         await self.update_health()
         ready = [f"{mv.name}:{mv.version} ({mv.sessions.provider})" for mv in self.repository.all_ready()]
-        log.info("listening on %s (%s); models ready: %s", listen_address(o.host, self.port), self._protection(),
-                 ", ".join(ready) or "none")
+        http = f", REST on {listen_address(o.host, self.http_port)}" if self.http else ""
+        log.info("listening on %s%s (%s); models ready: %s", listen_address(o.host, self.port), http,
+                 self._protection(), ", ".join(ready) or "none")
         if not self.access.can_manage:
             log.info("nobody may manage: the management RPCs (model load and unload) are refused to every caller "
                      "(--admin-token-file%s allows them)", ", --admin-client-identity" if o.tls.client_ca else "")
@@ -225,6 +237,8 @@ class InferenceServer:
                 cut = cut_connections(self.port)  # no await in between: no stream is refused meanwhile
                 log.info("closed the port and %d client connection(s)", cut)
             await self.server.stop(grace_s)
+        if self.http:
+            await self.http.close()
         await self.metrics.close()
         await self.repository.close(drain=grace_s > 0)
         await asyncio.to_thread(self.tracing.shutdown)  # the spans still buffered are exported

@@ -22,6 +22,8 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all: needs tokens, "
                    "client certificates or --allow-unauthenticated)")
     p.add_argument("--port", type=int, default=8001, help="gRPC port (0 = any free port)")
+    p.add_argument("--http-port", type=int, default=8000, help="KServe v2 REST port on the same host, with the page "
+                   "at / (HTTPS with the gRPC port's TLS files; 0 = off)")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus HTTP port, serving /metrics (0 = off)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics port (default loopback: "
                    "0.0.0.0 or :: lets a scraper on another host in)")
@@ -45,7 +47,7 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue-size", type=int, help="override every model's queue bound")
     p.add_argument("--inline-budget-us", type=int, help="run batches predicted to take less than this on the "
                    "event loop itself, skipping the thread hop (CPU only; 0 = never; default 1000)")
-    p.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message accepted")
+    p.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message or REST body accepted")
     p.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                    help="uvloop where installed (auto): about 0.07 ms less CPU per request than asyncio's loop")
     obs = p.add_argument_group("observability (see docs/observability.md)")
@@ -107,7 +109,7 @@ def server_options(args: argparse.Namespace):
                  if v is not None}
     return ServerOptions(
         repository=args.model_repository or str(BUNDLED_REPOSITORY), default_model=args.default_model, host=args.host,
-        port=args.port,
+        port=args.port, http_port=args.http_port or None,
         metrics_port=args.metrics_port, metrics_host=args.metrics_host, strict_readiness=args.strict_readiness,
         poll_interval_s=args.poll_interval, max_message_bytes=args.max_message_mb * 1024 * 1024,
         runtime=RuntimeOptions(device=args.device, tensorrt=args.tensorrt, trt_cache_dir=args.trt_cache_dir,

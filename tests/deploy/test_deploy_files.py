@@ -134,7 +134,7 @@ def test_health_probe_says_serving_then_draining_then_nothing(small_repo):
     and 1 when nothing listens."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "serving", "serve", "--model-repository", str(small_repo),
-                               "--port", str(port), "--metrics-port", "0", "--drain-delay", "5"],
+                               "--port", str(port), "--http-port", "0", "--metrics-port", "0", "--drain-delay", "5"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     probe = lambda: subprocess.run(["bash", str(HEALTH_SCRIPT), "127.0.0.1", str(port)], capture_output=True,  # noqa: E731
                                    timeout=10).returncode
@@ -331,7 +331,8 @@ def test_kserve_model_answers_to_the_inference_service_name(tmp_path):
     env = {e["name"]: e["value"] for e in container["env"]}
     port = free_port()
     env.update(CNN_SERVING_MODEL_REPOSITORY=str(repository), CNN_SERVING_PORT=str(port),
-               CNN_SERVING_METRICS_PORT="0", CNN_SERVING_AUTH_TOKEN_FILE=str(tmp_path / "inference"))
+               CNN_SERVING_METRICS_PORT="0", CNN_SERVING_HTTP_PORT="0",
+               CNN_SERVING_AUTH_TOKEN_FILE=str(tmp_path / "inference"))
     server = subprocess.Popen([sys.executable, *container["command"][1:]], env={**os.environ, **env},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -58,7 +58,7 @@ class Replica:
     def start(self) -> Replica:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "serving", "serve", "--model-repository", str(self.repository), "--port",
-             str(self.port), "--log-level", "WARNING", "--max-batch-size", "8", "--exit-timeout", "10"],
+             str(self.port), "--http-port", "0", "--log-level", "WARNING", "--max-batch-size", "8", "--exit-timeout", "10"],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         wait_until(lambda: self.process.stdout.readline().startswith("SERVING") or self.process.poll() is not None,
                    60, f"replica {self.address}")
@@ -81,9 +81,13 @@ def envoy_config(replicas: list[Replica], listen_port: int, admin_port: int) -> 
     (the compose service name becomes the loopback replicas)."""
     config = yaml.safe_load((ROOT / "deploy" / "envoy" / "envoy.yaml").read_text())
     config["admin"]["address"]["socket_address"]["port_value"] = admin_port
-    listener = config["static_resources"]["listeners"][0]
+    resources = config["static_resources"]
+    # The gRPC path alone: the REST listener and its cluster are left out (their ports are not substituted).
+    resources["listeners"] = [x for x in resources["listeners"] if x["name"] == "grpc"]
+    resources["clusters"] = [c for c in resources["clusters"] if c["name"] == "servers"]
+    listener = resources["listeners"][0]
     listener["address"]["socket_address"].update(address="127.0.0.1", port_value=listen_port)
-    (cluster,) = config["static_resources"]["clusters"]
+    (cluster,) = resources["clusters"]
     cluster["type"] = "STATIC"
     cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": [
         {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": r.port}}}}

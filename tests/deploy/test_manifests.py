@@ -168,7 +168,7 @@ def test_the_container_command_serves(kind, small_repo, tmp_path):
             paths[env[name]] = str(local)
     port = free_port()
     env = {k: paths.get(v, v) for k, v in env.items()}
-    env.update(CNN_SERVING_PORT=str(port), CNN_SERVING_METRICS_PORT="0")  # free ports on this machine
+    env.update(CNN_SERVING_PORT=str(port), CNN_SERVING_METRICS_PORT="0", CNN_SERVING_HTTP_PORT="0")  # no fixed port
     server = subprocess.Popen([sys.executable, *command[1:]], cwd=tmp_path, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env={**os.environ, **env})
     try:

@@ -205,8 +205,8 @@ def test_exit_timeout_cuts_what_is_still_running(small_repo):
 class ServerProcess:
     def __init__(self, repository, *flags: str):
         self.proc = subprocess.Popen([sys.executable, "-m", "serving", "serve", "--model-repository", str(repository),
-                                      "--port", "0", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
+                                      "--port", "0", "--http-port", "0", *flags], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         ready = threading.Event()
 
