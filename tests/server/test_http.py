@@ -22,7 +22,7 @@ import pytest
 
 from serving.server.http.gate import HTTP_STATUS
 from tests.conftest import LABELS, RunningServer, running_server
-from tests.serving.test_security import ADMIN_TOKEN, INFERENCE_TOKEN
+from tests.server.test_security import ADMIN_TOKEN, INFERENCE_TOKEN
 
 th = pytest.importorskip("tritonclient.http")
 tg = pytest.importorskip("tritonclient.grpc")

@@ -1,7 +1,7 @@
 """The page at `/`, in a real headless browser (the system's Chromium, driven by Playwright), against the real
 server with the bundled Fashion-MNIST model: an example image gives the right label and a heatmap, with and
 without a token. `make setup` installs Chromium where apt-get can; without a browser the test is skipped
-and says why. The screenshot in docs/images/ is written by `python tests/serving/test_http_page.py`."""
+and says why. The screenshot in docs/images/ is written by `python tests/server/test_http_page.py`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from serving.repository_format import BUNDLED_REPOSITORY
 from tests.conftest import running_server
-from tests.serving.test_security import INFERENCE_TOKEN
+from tests.server.test_security import INFERENCE_TOKEN
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "images"

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
+from ...engine.errors import InvalidInput, shown
 from ...wire.inference import grpc_service_pb2 as pb
 from ..api.kserve.tensors import deserialize_bytes, serialize_bytes
-from ..errors import InvalidInput, shown
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_DATA_SIZE, BINARY_DATA, BINARY_DATA_OUTPUT = "binary_data_size", "binary_data", "binary_data_output"

@@ -24,10 +24,10 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from ...engine.errors import InvalidInput, QueueFull, ServingError
 from ..access import Access, RefusalLog, Role
 from ..api.status import status_of
 from ..drain import Admission
-from ..errors import InvalidInput, QueueFull, ServingError
 from ..handlers import KSERVE, required_role
 from ..tracing import Tracing, call_span
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from ...engine.errors import InvalidInput
 from ...wire.inference import grpc_service_pb2 as pb
 from ..api.kserve.service import KServeService
-from ..errors import InvalidInput
 from . import codec
 from .gate import JSON, Call, HttpGate
 
