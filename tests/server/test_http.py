@@ -335,6 +335,44 @@ def test_memory_stays_bounded_under_many_large_bodies(rest_server):
     assert rest(a, "GET", "/v2/health/ready")[0] == 200
 
 
+def test_junk_after_a_malformed_request_is_not_held(rest_server):
+    """40 connections each send a request aiohttp cannot parse, then 8 MB more: each gets its 400 and is closed,
+    and the server holds none of what followed (aiohttp alone would hold up to 8 MB of it per connection)."""
+    import psutil
+    a = rest_server.http
+    me, peak, watching = psutil.Process(), [0], threading.Event()
+    start_rss = me.memory_info().rss
+
+    def watch():
+        while not watching.is_set():
+            peak[0] = max(peak[0], me.memory_info().rss)
+            time.sleep(0.01)
+
+    def send(statuses):
+        host, port = a.split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n".encode())
+            with contextlib.suppress(OSError):  # the server answered and closed
+                for _ in range(32):
+                    s.sendall(b"j" * (256 << 10))
+            with contextlib.suppress(OSError):
+                statuses.append(_status(s.recv(100)))
+
+    watcher, statuses = threading.Thread(target=watch), []
+    watcher.start()
+    threads = [threading.Thread(target=send, args=(statuses,)) for _ in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    watching.set()
+    watcher.join()
+    grown_mb = (peak[0] - start_rss) / 2**20
+    assert statuses and set(statuses) == {400}, statuses
+    assert grown_mb < 64, f"{grown_mb:.0f} MB held for 320 MB of junk"
+    assert rest(a, "GET", "/v2/health/ready")[0] == 200
+
+
 # -- drain ---------------------------------------------------------------------------------------------------------
 
 def test_drain_answers_what_it_accepted_and_refuses_the_rest(small_repo):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from importlib import resources
 
-from aiohttp import http_exceptions, web
+from aiohttp import http_exceptions, web, web_protocol
 
 from ..access import Access, TlsFiles
 from ..api.kserve.service import KServeService
@@ -58,6 +58,38 @@ def _page_file(name: str, content_type: str):
     return serve
 
 
+class _StopsReadingAtAMalformedRequest(web_protocol.RequestHandler):
+    """aiohttp queues one 400 for every chunk that arrives after a request it cannot parse, and each holds its
+    chunk (through the error's traceback) until answered: up to 32 chunks of 256 KB, about 8 MB, per connection
+    (40 such connections sending junk made the server hold 300-470 MB). The first 400 is all the client gets,
+    so reading stops there; aiohttp then answers it and closes the connection as it always does. aiohttp
+    keeps its queue in a private attribute: read here and only here, and without it this does nothing."""
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        queued = getattr(self, "_messages", ())
+        if queued and isinstance(queued[-1][0], getattr(web_protocol, "_ErrInfo", ())) and self.transport:
+            self.transport.pause_reading()
+
+
+class _Server(web.Server):
+    """aiohttp's protocol factory, making the connection handler above."""
+    __slots__ = ()
+
+    def __call__(self) -> web_protocol.RequestHandler:
+        handler = super().__call__()
+        handler.__class__ = _StopsReadingAtAMalformedRequest  # the same slots: only data_received differs
+        return handler
+
+
+class _Runner(web.AppRunner):
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _Server
+        return server
+
+
 class HttpSite:
     def __init__(self, service: KServeService, access: Access, admission: Admission, metrics: Metrics,
                  max_body_bytes: int, body_timeout_s: float = 30.0, tracing: Tracing | None = None):
@@ -74,13 +106,13 @@ class HttpSite:
         self.app.router.add_get("/v2/openapi.json", openapi)
         for path, (name, content_type) in PAGE_FILES.items():
             self.app.router.add_get(path, _page_file(name, content_type))
-        self.runner: web.AppRunner | None = None
+        self.runner: _Runner | None = None
         self.port = 0
 
     async def start(self, host: str, port: int, tls: TlsFiles | None = None, reuse_port: bool = False) -> int:
         """Listen on host:port (port 0: any free one); the port bound. OSError when it cannot bind."""
         context = ssl_context(tls.cert, tls.key, tls.client_ca) if tls else None
-        self.runner = web.AppRunner(self.app, access_log=None, keepalive_timeout=IDLE_TIMEOUT_S,
+        self.runner = _Runner(self.app, access_log=None, keepalive_timeout=IDLE_TIMEOUT_S,
                                     handle_signals=False, shutdown_timeout=SHUTDOWN_S)
         await self.runner.setup()
         host = host.strip("[]")
