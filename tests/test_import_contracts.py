@@ -21,6 +21,7 @@ LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
     ("serving/jobs/ray_engine.py", "from ..server import handlers", "The client and batch jobs import no server"),
     ("serving/server/batcher.py", "import numpy", "The dynamic batcher imports neither gRPC nor onnxruntime"),
     ("training/export.py", "from serving.server import app", "Training imports only the neutral modules"),
+    ("serving/server/supervisor.py", "from . import app", "The supervisor of `serve --workers N` runs no model"),
 ])
 def test_an_injected_import_breaks_its_contract(tmp_path, module, line, contract):
     for package in ("serving", "training"):

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf import empty_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -23,6 +24,7 @@ from ..wire.classifier.v1 import classifier_pb2, classifier_pb2_grpc
 from .access import Access, TlsFiles, TokenCheck, check_exposure, redact_undecodable_metadata
 from .api.classifier import ClassifierService
 from .api.kserve import service as kserve
+from .api.siblings import POLL, Siblings, SiblingServer, WorkerRole
 from .connections import ConnectionLimits, ConnectionWatch, cut_connections, listen_address
 from .drain import QUIET_LIMIT_S, Admission
 from .handlers import CallGate, WrappingRegistrar
@@ -65,6 +67,7 @@ class ServerOptions:
     http_port: int | None = None            # the KServe v2 REST port on the same host (0 = any free port; None = off)
     http_body_timeout_s: float = 30.0       # the longest a REST request's body may take to arrive
     reuse_port: bool = False                # SO_REUSEPORT on the REST port: several server processes share it
+    worker: WorkerRole | None = None        # one worker of `serve --workers N` (supervisor.py); None: the whole server
 
 
 class InferenceServer:
@@ -91,12 +94,16 @@ class InferenceServer:
         self.http: HttpSite | None = None
         self.http_port = 0
         self._last_readiness: tuple[bool, str] | None = None
+        # One worker of several: the port is shared, and the siblings are reached on a private socket.
+        self.siblings = Siblings(options.worker) if options.worker else None
+        self.sibling_server: SiblingServer | None = None
 
     def _grpc_options(self) -> list[tuple[str, int]]:
         o = self.options
         return [("grpc.max_receive_message_length", o.max_message_bytes),
                 ("grpc.max_send_message_length", o.max_message_bytes),
-                ("grpc.so_reuseport", 0),
+                # Workers share the port (the supervisor holds it, so no other program can take it meanwhile).
+                ("grpc.so_reuseport", 1 if o.worker else 0),
                 *o.connections.grpc_options()]
 
     async def start(self) -> int:
@@ -119,17 +126,22 @@ class InferenceServer:
             except OSError as e:
                 raise StartRefused(f"--metrics-port {o.metrics_port} on {o.metrics_host}: {e.strerror or e}") from None
         if o.http_port is not None:  # before loading too; health answers "not ready" over REST meanwhile
-            self.http = HttpSite(kserve.KServeService(self.repository, self.readiness, self.tracing), self.access,
+            self.http = HttpSite(kserve.KServeService(self.repository, self.readiness, self.tracing,
+                                                     siblings=self.siblings), self.access,
                                  self.admission, self.metrics, o.max_message_bytes, o.http_body_timeout_s, self.tracing)
             self.http_port = await self.http.start(o.host, o.http_port, o.tls or None, o.reuse_port)
-        await self.repository.load_all()
+        await self.repository.load_all(unloaded=o.worker.unloaded() if o.worker else ())
         self.server = grpc.aio.server(options=self._grpc_options())
         # Our services' handlers are wrapped once: counted, caller checked and admitted, then the body read.
         ours = WrappingRegistrar(self.server, CallGate(self.access, self.admission, self.metrics,
                                                         tracing=self.tracing).wrap)
         classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierService(self.repository), ours)
         service_names = [classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name]
-        kserve.register(ours, self.repository, readiness=self.readiness, tracing=self.tracing)
+        kserve_service = kserve.register(ours, self.repository, readiness=self.readiness, tracing=self.tracing,
+                                         siblings=self.siblings)
+        if o.worker:
+            self.sibling_server = SiblingServer(o.worker, kserve_service.local_handlers())
+            await self.sibling_server.start()
         service_names.append(kserve.SERVICE_NAME)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         service_names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
@@ -146,8 +158,11 @@ class InferenceServer:
         self.started = True
         self.connection_watch = ConnectionWatch(o.connections.max_connections)
         self.connection_watch.start()
-        if o.poll_interval_s > 0:
-            self.repository.start_polling(o.poll_interval_s)
+        if o.worker:  # an unload its siblings were told of while this worker was loading
+            for name in o.worker.unloaded() - self.repository.unloaded_on_request():
+                await self.repository.unload(name)
+        if o.poll_interval_s > 0 and (not o.worker or o.worker.polls):  # one worker scans, then tells the others
+            self.repository.start_polling(o.poll_interval_s, then=self._siblings_poll if self.siblings else None)
         self._health_names = ["", *service_names[:-1]]
         # Liveness is its own health service, SERVING while the process runs, draining included: a liveness
         # probe that asked readiness would restart a replica whose model failed to load, in a loop.
@@ -156,12 +171,16 @@ class InferenceServer:
         await self.update_health()
         ready = [f"{mv.name}:{mv.version} ({mv.sessions.provider})" for mv in self.repository.all_ready()]
         http = f", REST on {listen_address(o.host, self.http_port)}" if self.http else ""
-        log.info("listening on %s%s (%s); models ready: %s", listen_address(o.host, self.port), http,
-                 self._protection(), ", ".join(ready) or "none")
+        log.info("%slistening on %s%s (%s); models ready: %s",
+                 f"worker {o.worker.index} of {o.worker.count}: " if o.worker else "",
+                 listen_address(o.host, self.port), http, self._protection(), ", ".join(ready) or "none")
         if not self.access.can_manage:
             log.info("nobody may manage: the management RPCs (model load and unload) are refused to every caller "
                      "(--admin-token-file%s allows them)", ", --admin-client-identity" if o.tls.client_ca else "")
         return self.port
+
+    async def _siblings_poll(self) -> None:
+        await self.siblings.ask(POLL, empty_pb2.Empty(), timeout=None)
 
     def readiness(self) -> tuple[bool, str]:
         """Whether the server is ready to take traffic, and why not. Strict (the default, as Triton's): every
@@ -239,6 +258,10 @@ class InferenceServer:
             await self.server.stop(grace_s)
         if self.http:
             await self.http.close()
+        if self.sibling_server:
+            await self.sibling_server.stop()
+        if self.siblings:
+            await self.siblings.close()
         await self.metrics.close()
         await self.repository.close(drain=grace_s > 0)
         await asyncio.to_thread(self.tracing.shutdown)  # the spans still buffered are exported

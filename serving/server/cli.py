@@ -11,6 +11,17 @@ import sys
 from ..cli_support import DefaultsHelpFormatter, comma_list, flags
 from ..engine.errors import StartRefused
 
+
+def worker_count(text: str) -> int | str:
+    """`--workers`: a number of server processes (at least 1), or `auto`."""
+    text = str(text).strip().lower()
+    if text == "auto":
+        return text
+    count = int(text)
+    if count < 1:
+        raise ValueError(f"{count} workers")
+    return count
+
 SERVER_EXTRA_HINT = "the server is not installed: pip install 'cnn-serving[server]'"
 
 
@@ -24,6 +35,9 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8001, help="gRPC port (0 = any free port)")
     p.add_argument("--http-port", type=int, default=8000, help="KServe v2 REST port on the same host, with the page "
                    "at / (HTTPS with the gRPC port's TLS files; 0 = off)")
+    p.add_argument("--workers", type=worker_count, default=1, help="server processes sharing the port, each a whole "
+                   "server with its own sessions, supervised by this one: N, or auto (one per usable core, at most "
+                   "8, on a GPU host too); 1 = this process is the server (see docs/serving.md, Workers)")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus HTTP port, serving /metrics (0 = off)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics port (default loopback: "
                    "0.0.0.0 or :: lets a scraper on another host in)")
@@ -139,7 +153,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:  # onnxruntime, Pillow, health or reflection missing: the base install
         print(f"error: {SERVER_EXTRA_HINT} ({e})", file=sys.stderr)
         return 2
+    from .supervisor import resolve_workers, supervise
     try:
+        workers = resolve_workers(args.workers)
+        if workers > 1:  # N processes on the port, this one supervising them (supervisor.py)
+            with asyncio.Runner() as runner:
+                return runner.run(supervise(server_options(args), workers, args.log_level, args.log_format,
+                                            args.event_loop))
         with asyncio.Runner(loop_factory=event_loop_factory(args.event_loop)) as runner:
             return runner.run(serve(server_options(args)))
     except StartRefused as e:  # a missing repository, a port in use, an unprotected start, a bad --trace-config,

@@ -22,6 +22,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
+    multiprocess,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -75,7 +76,10 @@ class Metrics:
                                       labels, buckets=_TIME_BUCKETS, registry=r)
         self.batch_size = Histogram("inference_batch_size", "Images per executed batch", labels,
                                     buckets=_BATCH_BUCKETS, registry=r)
-        self.in_flight = Gauge("grpc_requests_in_flight", "gRPC calls being served now", ["method"], registry=r)
+        # livesum: with `serve --workers N` the workers' gauges are summed over the live ones (the supervisor's
+        # scrape); in one process the mode is ignored.
+        self.in_flight = Gauge("grpc_requests_in_flight", "gRPC calls being served now", ["method"], registry=r,
+                               multiprocess_mode="livesum")
         # Triton's per-request series (successful requests; the compute phases are each request's share).
         self.success = Counter("inference_request_success_total", "Requests answered successfully", labels,
                                registry=r)
@@ -89,12 +93,31 @@ class Metrics:
                 ("inference_compute_infer_duration_seconds", "A successful request's share of the model run"),
                 ("inference_compute_output_duration_seconds", "A successful request's share of softmax, ranking, CAM"),
             )]
-        self._runner: web.AppRunner | None = None
-        self.port = 0
+        self.endpoint = MetricsEndpoint(self.registry)
+
+    @property
+    def port(self) -> int:
+        return self.endpoint.port
 
     def series(self, model: str, version: int) -> VersionMetrics:
         """The series of one model version, fed by its statistics (`statistics.SeriesSink`)."""
         return VersionMetrics(self, model, str(version))
+
+    async def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        await self.endpoint.serve(port, host)
+
+    async def close(self) -> None:
+        await self.endpoint.close()
+
+
+class MetricsEndpoint:
+    """`GET /metrics` of one registry on an HTTP port: a server's own, or the workers' of `serve --workers N`
+    gathered by the supervisor (`workers_registry`)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self._runner: web.AppRunner | None = None
+        self.port = 0
 
     async def serve(self, port: int, host: str = "127.0.0.1") -> None:
         """Serve /metrics on host:port (IPv6 addresses too); OSError if it cannot bind."""
@@ -121,6 +144,16 @@ class Metrics:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+def workers_registry(directory: str) -> CollectorRegistry:
+    """The series of every worker of `serve --workers N`, summed (prometheus_client's multiprocess mode: each
+    worker writes its values to files under `directory`, its PROMETHEUS_MULTIPROC_DIR), and the supervisor's
+    own python_* series. The process_* series are per process, so they are left out here."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)
+    PlatformCollector(registry=registry)
+    return registry
 
 
 class VersionMetrics:

@@ -13,7 +13,7 @@ import asyncio
 import gc
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +97,9 @@ class ModelRepository:
         return self._model_errors.get(name) or "; ".join(
             f"version {s.version}: {s.state} {s.reason}".strip() for s in self.statuses(name)) or "not loaded"
 
+    def unloaded_on_request(self) -> set[str]:
+        return set(self._unloaded_by_request)
+
     def ready_versions(self, name: str) -> list[int]:
         return sorted(self._ready.get(name, {}), reverse=True)
 
@@ -144,9 +147,14 @@ class ModelRepository:
         if self.on_change is not None:
             await self.on_change()
 
-    async def load_all(self) -> None:
+    async def load_all(self, unloaded: Collection[str] = ()) -> None:
+        """Load every model in the repository but those `unloaded` (on request, before this process started:
+        a replaced worker of `serve --workers N` starts as its siblings are)."""
         for name in self.model_names():
-            await self.load(name)
+            if name in unloaded:
+                self._unloaded_by_request.add(name)
+            else:
+                await self.load(name)
         await self._changed()
 
     async def load(self, name: str) -> None:
@@ -263,12 +271,15 @@ class ModelRepository:
                     self._ready.pop(name, None)
         await self._changed()
 
-    def start_polling(self, interval_s: float) -> None:
+    def start_polling(self, interval_s: float, then: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Scan every `interval_s`; `then` is awaited after each scan (the other workers scan in turn)."""
         async def loop() -> None:
             while True:
                 await asyncio.sleep(interval_s)
                 try:
                     await self.poll_once()
+                    if then is not None:
+                        await then()
                 except Exception:  # noqa: BLE001 - keep polling whatever one scan met
                     log.exception("repository poll failed")
 

@@ -16,6 +16,7 @@ from ....wire.inference import grpc_service_pb2_grpc as pb_grpc
 from ...logs import CONTROL, LogControl
 from ...repository import READY, UNAVAILABLE, ModelRepository
 from ...tracing import Tracing
+from ..siblings import POLL, Siblings, merge_index, merge_statistics
 from ..status import remaining_time, status_of
 from ..streaming import STREAM_WINDOW, answer_in_order
 from .metadata import model_metadata, served_config
@@ -57,8 +58,11 @@ async def _unimplemented(context: grpc.aio.ServicerContext, what: str, instead: 
 
 class KServeService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: ModelRepository, readiness: Callable[[], tuple[bool, str]] | None = None,
-                 tracing: Tracing | None = None, logs: LogControl | None = None):
+                 tracing: Tracing | None = None, logs: LogControl | None = None, siblings: Siblings | None = None):
         self.repo = repository
+        # The other workers of this server (`serve --workers N`): management calls and the statistics and index
+        # span them all (api/siblings.py). None when this process is the whole server.
+        self.siblings = siblings
         self.tracing, self.logs = tracing or Tracing(), logs or CONTROL
         # The server's readiness (strict by default), the same answer grpc.health.v1 gives.
         self.readiness = readiness or repository.readiness
@@ -120,6 +124,12 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- statistics ------------------------------------------------------------------------------------------
     async def ModelStatistics(self, request, context):
+        here = await self._statistics_here(request)
+        if self.siblings is None:
+            return here
+        return merge_statistics([here, *await self.siblings.ask("ModelStatistics", request)])
+
+    async def _statistics_here(self, request: pb.ModelStatisticsRequest) -> pb.ModelStatisticsResponse:
         if request.name:
             version = parse_version(request.version)
             if version:
@@ -133,6 +143,13 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- repository ------------------------------------------------------------------------------------------
     async def RepositoryIndex(self, request, context):
+        if self.siblings is None:
+            return await self._index_here(request)
+        every = pb.RepositoryIndexRequest(repository_name=request.repository_name)  # READY is decided on the whole
+        answers = [await self._index_here(every), *await self.siblings.ask("RepositoryIndex", every)]
+        return merge_index(answers, ready_only=request.ready)
+
+    async def _index_here(self, request: pb.RepositoryIndexRequest) -> pb.RepositoryIndexResponse:
         models = []
         names = sorted(set(self.repo.model_names()) | {s.name for s in self.repo.statuses()})
         for name in names:
@@ -149,7 +166,21 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
                                                                     reason=s.reason or self.repo.model_error(name)))
         return pb.RepositoryIndexResponse(models=models)
 
+    async def _everywhere(self, method: str, request, here):
+        """A management call applied here, then by every sibling, before it is answered."""
+        answer = await here(request)
+        if self.siblings is not None:
+            if method == "RepositoryModelLoad":
+                self.siblings.role.note(loaded=request.model_name)
+            elif method == "RepositoryModelUnload":
+                self.siblings.role.note(unloaded=request.model_name)
+            await self.siblings.ask(method, request, timeout=None)
+        return answer
+
     async def RepositoryModelLoad(self, request, context):
+        return await self._everywhere("RepositoryModelLoad", request, self._load_here)
+
+    async def _load_here(self, request: pb.RepositoryModelLoadRequest) -> pb.RepositoryModelLoadResponse:
         if request.parameters:
             raise InvalidInput(f"load parameters ({', '.join(sorted(request.parameters))}) are not supported: "
                                "edit config.pbtxt and the version directories in the repository instead")
@@ -162,8 +193,21 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
+        return await self._everywhere("RepositoryModelUnload", request, self._unload_here)
+
+    async def _unload_here(self, request: pb.RepositoryModelUnloadRequest) -> pb.RepositoryModelUnloadResponse:
         await self.repo.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+    async def _poll_here(self, request):
+        await self.repo.poll_once()
+        return request
+
+    def local_handlers(self) -> dict:
+        """The local half of each call that spans the workers, served to the siblings (api/siblings.py)."""
+        return {"RepositoryModelLoad": self._load_here, "RepositoryModelUnload": self._unload_here,
+                "ModelStatistics": self._statistics_here, "RepositoryIndex": self._index_here,
+                "TraceSetting": self._trace_here, "LogSettings": self._log_here, POLL: self._poll_here}
 
     # -- not implemented -------------------------------------------------------------------------------------
     async def SystemSharedMemoryStatus(self, request, context):
@@ -187,14 +231,21 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- trace and log settings (admin) ----------------------------------------------------------------------
     async def TraceSetting(self, request, context):
+        return await self._everywhere("TraceSetting", request, self._trace_here)
+
+    async def _trace_here(self, request: pb.TraceSettingRequest) -> pb.TraceSettingResponse:
         return trace_setting(self.tracing, request)
 
     async def LogSettings(self, request, context):
+        return await self._everywhere("LogSettings", request, self._log_here)
+
+    async def _log_here(self, request: pb.LogSettingsRequest) -> pb.LogSettingsResponse:
         return log_settings(self.logs, request)
 
 
 def register(grpc_server: grpc.aio.Server, repository: ModelRepository,
-             readiness: Callable[[], tuple[bool, str]] | None = None, tracing: Tracing | None = None) -> KServeService:
-    service = KServeService(repository, readiness, tracing)
+             readiness: Callable[[], tuple[bool, str]] | None = None, tracing: Tracing | None = None,
+             siblings: Siblings | None = None) -> KServeService:
+    service = KServeService(repository, readiness, tracing, siblings=siblings)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, grpc_server)
     return service
