@@ -154,19 +154,23 @@ async def _echo_server() -> None:
 
 
 async def drive(address: str, method: str, payload: bytes, images_per_request: int, concurrency: int,
-                seconds: float, server_pid: int | None = None) -> LoadResult:
-    """`concurrency` callers on one channel, each sending `payload` back to back for `seconds`; with
-    server_pid, also the CPU time server and client spend per request (the two share this machine)."""
+                seconds: float, server_pid: int | None = None, connections: int = 1) -> LoadResult:
+    """`concurrency` callers on `connections` channels (each its own TCP connection; callers spread over them in
+    turn), each sending `payload` back to back for `seconds`; with server_pid, also the CPU time server and
+    client spend per request (the two share this machine)."""
     import grpc
-    async with grpc.aio.insecure_channel(address, options=[("grpc.max_send_message_length", 256 << 20),
-                                                           ("grpc.max_receive_message_length", 256 << 20)]) as ch:
-        call = ch.unary_unary(method)
+    options = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20),
+               ("grpc.use_local_subchannel_pool", 1)]  # else gRPC shares one connection among the channels
+    channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(max(1, connections))]
+    try:
+        calls = [ch.unary_unary(method) for ch in channels]
         latencies: list[float] = []
         errors = 0
-        await call(payload, timeout=60)  # connect and warm
+        for call in calls:
+            await call(payload, timeout=60)  # connect and warm
         stop_at = time.perf_counter() + seconds
 
-        async def caller() -> None:
+        async def caller(call) -> None:
             nonlocal errors
             while time.perf_counter() < stop_at:
                 t = time.perf_counter()
@@ -178,10 +182,13 @@ async def drive(address: str, method: str, payload: bytes, images_per_request: i
 
         cpu = (process_cpu_s(server_pid) if server_pid else float("nan"), time.process_time())
         started = time.perf_counter()
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        await asyncio.gather(*(caller(calls[i % len(calls)]) for i in range(concurrency)))
         elapsed = time.perf_counter() - started
         server_cpu = process_cpu_s(server_pid) - cpu[0] if server_pid else float("nan")
         client_cpu = time.process_time() - cpu[1]
+    finally:
+        for ch in channels:
+            await ch.close()
     lat = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
     n = max(1, len(latencies))
     return LoadResult(len(latencies) / elapsed, len(latencies) * images_per_request / elapsed,

@@ -1,0 +1,165 @@
+"""`serve --workers N` in one run: workers 1, 2 and auto against the transport's echo ceiling and against PyTriton.
+
+    python bench/workers_bench.py                                   # perf_analyzer set up on first use
+    python bench/workers_bench.py --pytriton-python .pytriton-venv/bin/python --out bench/results/cpu_workers.md
+
+For each worker count (auto is left out where it is a count already measured), one server process tree
+(`python -m serving serve --workers N`, the bundled repository, every other flag at its default):
+- the project's own client: single-image `Classify` from 64 asyncio callers spread over 8 connections (one
+  connection stays on one worker), with the CPU time the server's whole process tree and the client spend per
+  request;
+- Triton's perf_analyzer (bench/perf_analyzer.py sets it up): concurrency 1, 8 and 64, KServe ModelInfer with
+  random FP32 input, its defaults otherwise (it checks the server's ModelStatistics against its own counts).
+Before them, the bare `grpc.aio` echo server (one process, the event loop ours would choose) under the same
+client gives the ceiling of the transport; with --pytriton-python, PyTriton serves the same ONNX file
+(bench/pytriton_server.py: Triton's C++ front end and dynamic batcher, onnxruntime behind it) to the same
+perf_analyzer runs. Client, servers and models share this machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
+
+from perf_analyzer import perf_analyzer_command, run_perf_analyzer, setup  # noqa: E402
+from serving_bench import (  # noqa: E402
+    ECHO_METHOD,
+    ECHO_SERVER_FLAG,
+    _request,
+    drive,
+    start_process,
+    stop_process,
+)
+
+from serving.server.supervisor import resolve_workers, usable_cores  # noqa: E402
+
+MODEL = "fashion_mnist"
+CLASSIFY = "/classifier.v1.Classifier/Classify"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _project_row(label: str, address: str, pid: int, args) -> dict:
+    r = asyncio.run(drive(address, ECHO_METHOD if label.startswith("echo") else CLASSIFY,
+                          _request(MODEL, 1, 28, 1), 1, args.clients, args.seconds, pid, args.connections))
+    return {"server": label, "tool": f"project client, {args.clients} callers / {args.connections} connections",
+            "clients": args.clients, "infer_per_s": r.requests_per_s, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms,
+            "cpu": f"server {r.server_cpu_ms:.2f}, client {r.client_cpu_ms:.2f}", "errors": r.errors}
+
+
+def _perf_rows(label: str, address: str, command: list[str], args) -> list[dict]:
+    rows = []
+    for c in args.concurrency:
+        row = run_perf_analyzer(command, address, MODEL, c, args.seconds, args.stability)
+        rows.append({"server": label, "tool": "perf_analyzer", "clients": c, "infer_per_s": row["infer_per_s"],
+                     "p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"], "cpu": "", "errors": 0})
+    return rows
+
+
+def run(args) -> list[dict]:
+    home = Path(args.home)
+    command = perf_analyzer_command(home, setup(home))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    rows: list[dict] = []
+
+    def report(new: list[dict]) -> None:
+        for r in new:
+            print(f"{r['server']} | {r['tool']} | c={r['clients']} | {r['infer_per_s']:.0f}/s", file=sys.stderr,
+                  flush=True)
+        rows.extend(new)
+
+    echo, address = start_process([str(ROOT / "bench" / "serving_bench.py"), ECHO_SERVER_FLAG], env=env)
+    try:
+        report([_project_row("echo (1 process, transport ceiling)", address, echo.pid, args)])
+    finally:
+        stop_process(echo)
+    labels: dict[int, str] = {}
+    for w in args.workers:
+        n = resolve_workers(w)
+        labels.setdefault(n, f"workers {n}")
+        if w == "auto":
+            labels[n] += " (auto)"
+    for n, label in labels.items():
+        server, address = start_process(["-m", "serving", "serve", "--model-repository", args.model_repository,
+                                         "--port", "0", "--log-level", "WARNING", "--workers", str(n)], env=env)
+        try:
+            report([_project_row(label, address, server.pid, args)])
+            report(_perf_rows(label, address, command, args))
+        finally:
+            stop_process(server)
+    if args.pytriton_python:
+        python = Path(args.pytriton_python)
+        pt_env = {**os.environ, "LD_LIBRARY_PATH": f"{python.resolve().parent.parent / 'lib'}:"
+                  f"{Path(sys.base_prefix) / 'lib'}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+        port = _free_port()
+        peer, address = start_process([str(ROOT / "bench" / "pytriton_server.py"),
+                                       str(Path(args.model_repository) / MODEL), MODEL, str(port), "64"],
+                                      python=str(python), env=pt_env)
+        try:
+            report(_perf_rows("PyTriton", address, command, args))
+        finally:
+            stop_process(peer)
+    return rows
+
+
+def render(rows: list[dict], args) -> str:
+    lines = [f"{usable_cores()} usable cores; the bundled model ({MODEL}); {args.seconds:g} s windows", "",
+             "| server | tool | clients | infer/s | p50 ms | p99 ms | CPU ms per request | errors |",
+             "|---|---|---:|---:|---:|---:|---|---:|"]
+    lines += [f"| {r['server']} | {r['tool']} | {r['clients']} | {r['infer_per_s']:.0f} | {r['p50_ms']:.2f} | "
+              f"{r['p99_ms']:.2f} | {r['cpu']} | {r['errors']} |" for r in rows]
+    peer = {r["clients"]: r["infer_per_s"] for r in rows if r["server"] == "PyTriton"}
+    ours = sorted({r["server"] for r in rows if r["server"].startswith("workers")})
+    if peer:
+        lines += ["", "perf_analyzer, ours / PyTriton:", "", "| clients | " + " | ".join(ours) + " |",
+                  "|---:|" + "---:|" * len(ours)]
+        for c in sorted(peer):
+            cells = [next((f"{r['infer_per_s'] / peer[c]:.2f}x" for r in rows if r["server"] == s
+                           and r["tool"] == "perf_analyzer" and r["clients"] == c), "-") for s in ours]
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    echo = next((r for r in rows if r["server"].startswith("echo")), None)
+    if echo:
+        lines += ["", f"project client against the echo ceiling ({echo['infer_per_s']:.0f}/s):", ""]
+        for r in rows:
+            if r["server"].startswith("workers") and r["tool"].startswith("project"):
+                lines.append(f"- {r['server']}: {r['infer_per_s']:.0f}/s = {r['infer_per_s'] / echo['infer_per_s']:.2f}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python bench/workers_bench.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workers", default="1,2,auto", help="worker counts to measure")
+    p.add_argument("--concurrency", default="1,8,64", help="perf_analyzer's concurrencies")
+    p.add_argument("--clients", type=int, default=64, help="the project client's callers")
+    p.add_argument("--connections", type=int, default=8, help="the project client's connections")
+    p.add_argument("--seconds", type=float, default=4.0, help="measurement window of each row")
+    p.add_argument("--stability", type=int, default=10, help="perf_analyzer's --stability-percentage")
+    p.add_argument("--model-repository", default=str(ROOT / "model_repository"))
+    p.add_argument("--home", default=str(ROOT / ".perf_analyzer"), help="where perf_analyzer is kept (git-ignored)")
+    p.add_argument("--pytriton-python", help="a Python with nvidia-pytriton and onnxruntime: adds PyTriton's rows")
+    p.add_argument("--out", help="also write the tables here")
+    args = p.parse_args(argv)
+    args.workers = [w.strip() for w in args.workers.split(",") if w.strip()]
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    text = render(run(args), args)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
