@@ -36,6 +36,7 @@ SLOW = {
     "server/test_http_perf_analyzer.py": "perf_analyzer over REST",
     "server/test_model_range_served.py": "exports and serves every model family",
     "server/test_repository.py": "load and unload cycles, hot reloads",
+    "server/test_workers.py": "supervisors and their worker processes",
     "training/test_cli.py": "trainings and exports as processes",
     "training/test_distributed.py": "a two-process training",
     "training/test_gpu_train_script.py": "the GPU script's smoke run",
