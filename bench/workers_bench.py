@@ -3,7 +3,7 @@
     python bench/workers_bench.py                                   # perf_analyzer set up on first use
     python bench/workers_bench.py --pytriton-python .pytriton-venv/bin/python --out bench/results/cpu_workers.md
 
-For each worker count (auto is left out where it is a count already measured), one server process tree
+For each worker count (auto counted once where it is a count already measured), one server process tree
 (`python -m serving serve --workers N`, the bundled repository, every other flag at its default):
 - the project's own client: single-image `Classify` from 64 asyncio callers spread over 8 connections (one
   connection stays on one worker), with the CPU time the server's whole process tree and the client spend per
@@ -14,6 +14,10 @@ Before them, the bare `grpc.aio` echo server (one process, the event loop ours w
 client gives the ceiling of the transport; with --pytriton-python, PyTriton serves the same ONNX file
 (bench/pytriton_server.py: Triton's C++ front end and dynamic batcher, onnxruntime behind it) to the same
 perf_analyzer runs. Client, servers and models share this machine's cores.
+
+Every server is up for the whole run, and each round measures each one in turn at each load (three rounds,
+the median reported with every round's figure): a neighbour's load on a shared machine then falls on all of
+them alike, where one server after the other would each meet a different machine.
 """
 
 from __future__ import annotations
@@ -59,71 +63,86 @@ def _project_row(label: str, address: str, pid: int, args) -> dict:
             "cpu": f"server {r.server_cpu_ms:.2f}, client {r.client_cpu_ms:.2f}", "errors": r.errors}
 
 
-def _perf_rows(label: str, address: str, command: list[str], args) -> list[dict]:
-    rows = []
-    for c in args.concurrency:
-        try:
-            row = run_perf_analyzer(command, address, MODEL, c, args.seconds, args.stability)
-        except SystemExit as e:  # no stable measurement on a busy machine: the row says so, the run goes on
-            print(e, file=sys.stderr)
-            row = {"infer_per_s": float("nan"), "p50_ms": float("nan"), "p99_ms": float("nan")}
-        rows.append({"server": label, "tool": "perf_analyzer", "clients": c, "infer_per_s": row["infer_per_s"],
-                     "p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"], "cpu": "", "errors": 0})
-    return rows
+def _perf_row(label: str, address: str, command: list[str], c: int, args) -> dict:
+    try:
+        row = run_perf_analyzer(command, address, MODEL, c, args.seconds, args.stability)
+    except SystemExit as e:  # no stable measurement on a busy machine: the row says so, the run goes on
+        print(e, file=sys.stderr)
+        row = {"infer_per_s": float("nan"), "p50_ms": float("nan"), "p99_ms": float("nan")}
+    return {"server": label, "tool": "perf_analyzer", "clients": c, "infer_per_s": row["infer_per_s"],
+            "p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"], "cpu": "", "errors": 0}
+
+
+def _median_rows(rows: list[dict]) -> list[dict]:
+    """One row per (server, tool, clients): the round of median throughput, with every round's figure."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["server"], r["tool"], r["clients"]), []).append(r)
+    out = []
+    for group in groups.values():
+        ranked = sorted(group, key=lambda r: (r["infer_per_s"] != r["infer_per_s"], r["infer_per_s"]))
+        row = dict(ranked[(len(ranked) - 1) // 2])
+        row["rounds"] = " / ".join(f"{r['infer_per_s']:.0f}" for r in group)
+        out.append(row)
+    return out
 
 
 def run(args) -> list[dict]:
+    """Every server is started first and stays up (idle ones cost next to nothing); then each round measures
+    each of them in turn at each load, so that a neighbour's load on this shared machine falls on all alike."""
     home = Path(args.home)
     command = perf_analyzer_command(home, setup(home))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     rows: list[dict] = []
 
-    def report(new: list[dict]) -> None:
-        for r in new:
-            print(f"{r['server']} | {r['tool']} | c={r['clients']} | {r['infer_per_s']:.0f}/s", file=sys.stderr,
-                  flush=True)
-        rows.extend(new)
+    def report(row: dict) -> None:
+        print(f"{row['server']} | {row['tool']} | c={row['clients']} | {row['infer_per_s']:.0f}/s", file=sys.stderr,
+              flush=True)
+        rows.append(row)
 
-    echo, address = start_process([str(ROOT / "bench" / "serving_bench.py"), ECHO_SERVER_FLAG], env=env)
-    try:
-        report([_project_row("echo (1 process, transport ceiling)", address, echo.pid, args)])
-    finally:
-        stop_process(echo)
     labels: dict[int, str] = {}
     for w in args.workers:
         n = resolve_workers(w)
         labels.setdefault(n, f"workers {n}")
         if w == "auto":
             labels[n] += " (auto)"
-    for n, label in labels.items():
-        server, address = start_process(["-m", "serving", "serve", "--model-repository", args.model_repository,
-                                         "--port", "0", "--log-level", "WARNING", "--workers", str(n)], env=env)
-        try:
-            report([_project_row(label, address, server.pid, args)])
-            report(_perf_rows(label, address, command, args))
-        finally:
-            stop_process(server)
-    if args.pytriton_python:
-        python = Path(args.pytriton_python)
-        pt_env = {**os.environ, "LD_LIBRARY_PATH": f"{python.resolve().parent.parent / 'lib'}:"
-                  f"{Path(sys.base_prefix) / 'lib'}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
-        port = _free_port()
-        peer, address = start_process([str(ROOT / "bench" / "pytriton_server.py"),
-                                       str(Path(args.model_repository) / MODEL), MODEL, str(port), "64"],
-                                      python=str(python), env=pt_env)
-        try:
-            report(_perf_rows("PyTriton", address, command, args))
-        finally:
-            stop_process(peer)
-    return rows
+    servers = []  # (label, process, address, ours)
+    try:
+        proc, address = start_process([str(ROOT / "bench" / "serving_bench.py"), ECHO_SERVER_FLAG], env=env)
+        servers.append(("echo (1 process, transport ceiling)", proc, address, False))
+        for n, label in labels.items():
+            proc, address = start_process(["-m", "serving", "serve", "--model-repository", args.model_repository,
+                                           "--port", "0", "--log-level", "WARNING", "--workers", str(n)], env=env)
+            servers.append((label, proc, address, True))
+        if args.pytriton_python:
+            python = Path(args.pytriton_python)
+            pt_env = {**os.environ, "LD_LIBRARY_PATH": f"{python.resolve().parent.parent / 'lib'}:"
+                      f"{Path(sys.base_prefix) / 'lib'}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+            proc, address = start_process([str(ROOT / "bench" / "pytriton_server.py"),
+                                           str(Path(args.model_repository) / MODEL), MODEL, str(_free_port()), "64"],
+                                          python=str(python), env=pt_env)
+            servers.append(("PyTriton", proc, address, False))
+        for _ in range(args.rounds):
+            for label, proc, address, ours in servers:
+                if ours or label.startswith("echo"):
+                    report(_project_row(label, address, proc.pid, args))
+            for c in args.concurrency:
+                for label, _proc, address, _ in servers:
+                    if not label.startswith("echo"):
+                        report(_perf_row(label, address, command, c, args))
+    finally:
+        for _, proc, _, _ in servers:
+            stop_process(proc)
+    return _median_rows(rows)
 
 
 def render(rows: list[dict], args) -> str:
-    lines = [f"{usable_cores()} usable cores; the bundled model ({MODEL}); {args.seconds:g} s windows", "",
-             "| server | tool | clients | infer/s | p50 ms | p99 ms | CPU ms per request | errors |",
-             "|---|---|---:|---:|---:|---:|---|---:|"]
+    lines = [f"{usable_cores()} usable cores; the bundled model ({MODEL}); {args.seconds:g} s windows; "
+             f"{args.rounds} rounds, the median shown (every round's figure in the last column)", "",
+             "| server | tool | clients | infer/s | p50 ms | p99 ms | CPU ms per request | errors | rounds |",
+             "|---|---|---:|---:|---:|---:|---|---:|---|"]
     lines += [f"| {r['server']} | {r['tool']} | {r['clients']} | {r['infer_per_s']:.0f} | {r['p50_ms']:.2f} | "
-              f"{r['p99_ms']:.2f} | {r['cpu']} | {r['errors']} |" for r in rows]
+              f"{r['p99_ms']:.2f} | {r['cpu']} | {r['errors']} | {r['rounds']} |" for r in rows]
     peer = {r["clients"]: r["infer_per_s"] for r in rows if r["server"] == "PyTriton"}
     ours = sorted({r["server"] for r in rows if r["server"].startswith("workers")})
     if peer:
@@ -149,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,8,64", help="perf_analyzer's concurrencies")
     p.add_argument("--clients", type=int, default=64, help="the project client's callers")
     p.add_argument("--connections", type=int, default=8, help="the project client's connections")
-    p.add_argument("--seconds", type=float, default=4.0, help="measurement window of each row")
-    p.add_argument("--stability", type=int, default=10, help="perf_analyzer's --stability-percentage")
+    p.add_argument("--seconds", type=float, default=3.0, help="measurement window of each row")
+    p.add_argument("--stability", type=int, default=25, help="perf_analyzer's --stability-percentage (its default "
+                   "10 rarely settles on a busy 2-core machine)")
+    p.add_argument("--rounds", type=int, default=3, help="each figure is the median of this many rounds")
     p.add_argument("--model-repository", default=str(ROOT / "model_repository"))
     p.add_argument("--home", default=str(ROOT / ".perf_analyzer"), help="where perf_analyzer is kept (git-ignored)")
     p.add_argument("--pytriton-python", help="a Python with nvidia-pytriton and onnxruntime: adds PyTriton's rows")
