@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import socket
 import sys
 from pathlib import Path
@@ -39,6 +40,7 @@ from serving_bench import (  # noqa: E402
     ECHO_SERVER_FLAG,
     _request,
     drive,
+    process_cpu_s,
     start_process,
     stop_process,
 )
@@ -56,21 +58,54 @@ def _free_port() -> int:
 
 
 def _project_row(label: str, address: str, pid: int, args) -> dict:
-    r = asyncio.run(drive(address, ECHO_METHOD if label.startswith("echo") else CLASSIFY,
-                          _request(MODEL, 1, 28, 1), 1, args.clients, args.seconds, pid, args.connections))
+    ours = label.startswith("workers")
+    before = _counts(address) if ours else (0, 0)
+    r = asyncio.run(drive(address, CLASSIFY if ours else ECHO_METHOD, _request(MODEL, 1, 28, 1), 1, args.clients,
+                          args.seconds, pid, args.connections))
+    cpu = f"server {r.server_cpu_ms:.2f}, client {r.client_cpu_ms:.2f}"
+    if ours:
+        after = _counts(address)
+        cpu += f"; {(after[0] - before[0]) / max(1, after[1] - before[1]):.1f} per batch"
     return {"server": label, "tool": f"project client, {args.clients} callers / {args.connections} connections",
             "clients": args.clients, "infer_per_s": r.requests_per_s, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms,
-            "cpu": f"server {r.server_cpu_ms:.2f}, client {r.client_cpu_ms:.2f}", "errors": r.errors}
+            "cpu": cpu, "errors": r.errors}
 
 
-def _perf_row(label: str, address: str, command: list[str], c: int, args) -> dict:
+def _counts(address: str) -> tuple[int, int]:
+    """Requests the server counts as answered, and the batches it ran (ModelStatistics: every worker's, or
+    Triton's own)."""
+    import grpc
+
+    from serving.wire.inference import grpc_service_pb2 as kpb
+    from serving.wire.inference import grpc_service_pb2_grpc as kgrpc
+    with grpc.insecure_channel(address) as channel:
+        stats = kgrpc.GRPCInferenceServiceStub(channel).ModelStatistics(kpb.ModelStatisticsRequest(name=MODEL),
+                                                                         timeout=30)
+    return (sum(s.inference_stats.success.count for s in stats.model_stats),
+            sum(s.execution_count for s in stats.model_stats))
+
+
+def _perf_row(label: str, address: str, pid: int, command: list[str], c: int, args) -> dict:
+    """perf_analyzer at concurrency c, and the CPU time the server's process tree and perf_analyzer spent per
+    request over its whole run (its trial windows included): the server's answered count from ModelStatistics."""
+    before, cpu, tool_cpu = _counts(address), process_cpu_s(pid), _children_cpu_s()
     try:
         row = run_perf_analyzer(command, address, MODEL, c, args.seconds, args.stability)
     except SystemExit as e:  # no stable measurement on a busy machine: the row says so, the run goes on
         print(e, file=sys.stderr)
         row = {"infer_per_s": float("nan"), "p50_ms": float("nan"), "p99_ms": float("nan")}
+    after = _counts(address)
+    n = max(1, after[0] - before[0])
+    per_request = (f"server {1000 * (process_cpu_s(pid) - cpu) / n:.2f}, "
+                   f"perf_analyzer {1000 * (_children_cpu_s() - tool_cpu) / n:.2f}; "
+                   f"{n / max(1, after[1] - before[1]):.1f} per batch")
     return {"server": label, "tool": "perf_analyzer", "clients": c, "infer_per_s": row["infer_per_s"],
-            "p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"], "cpu": "", "errors": 0}
+            "p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"], "cpu": per_request, "errors": 0}
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the ended perf_analyzer runs
+    return usage.ru_utime + usage.ru_stime
 
 
 def _median_rows(rows: list[dict]) -> list[dict]:
@@ -80,7 +115,7 @@ def _median_rows(rows: list[dict]) -> list[dict]:
         groups.setdefault((r["server"], r["tool"], r["clients"]), []).append(r)
     out = []
     for group in groups.values():
-        ranked = sorted(group, key=lambda r: (r["infer_per_s"] != r["infer_per_s"], r["infer_per_s"]))
+        ranked = sorted(group, key=lambda r: (r["infer_per_s"] == r["infer_per_s"], r["infer_per_s"]))  # failed: lowest
         row = dict(ranked[(len(ranked) - 1) // 2])
         row["rounds"] = " / ".join(f"{r['infer_per_s']:.0f}" for r in group)
         out.append(row)
@@ -127,9 +162,9 @@ def run(args) -> list[dict]:
                 if ours or label.startswith("echo"):
                     report(_project_row(label, address, proc.pid, args))
             for c in args.concurrency:
-                for label, _proc, address, _ in servers:
+                for label, proc, address, _ in servers:
                     if not label.startswith("echo"):
-                        report(_perf_row(label, address, command, c, args))
+                        report(_perf_row(label, address, proc.pid, command, c, args))
     finally:
         for _, proc, _, _ in servers:
             stop_process(proc)
@@ -139,7 +174,8 @@ def run(args) -> list[dict]:
 def render(rows: list[dict], args) -> str:
     lines = [f"{usable_cores()} usable cores; the bundled model ({MODEL}); {args.seconds:g} s windows; "
              f"{args.rounds} rounds, the median shown (every round's figure in the last column)", "",
-             "| server | tool | clients | infer/s | p50 ms | p99 ms | CPU ms per request | errors | rounds |",
+             "| server | tool | clients | infer/s | p50 ms | p99 ms | CPU ms per request; requests per batch | errors "
+             "| rounds |",
              "|---|---|---:|---:|---:|---:|---|---:|---|"]
     lines += [f"| {r['server']} | {r['tool']} | {r['clients']} | {r['infer_per_s']:.0f} | {r['p50_ms']:.2f} | "
               f"{r['p99_ms']:.2f} | {r['cpu']} | {r['errors']} | {r['rounds']} |" for r in rows]

@@ -1,0 +1,30 @@
+"""The workers bench's own arithmetic: the median of its rounds, the ratios against the peer and the echo ceiling
+(its measuring is perf_analyzer's and serving_bench's, run by their own tests and by hand)."""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # the harness lives outside the package
+
+from workers_bench import _median_rows, render  # noqa: E402
+
+
+def _row(server: str, tool: str, clients: int, rate: float) -> dict:
+    return {"server": server, "tool": tool, "clients": clients, "infer_per_s": rate, "p50_ms": 1.0, "p99_ms": 2.0,
+            "cpu": "", "errors": 0}
+
+
+def test_rounds_give_their_median_and_the_tables_their_ratios():
+    project = "project client, 64 callers / 8 connections"
+    rows = [_row("echo (1 process, transport ceiling)", project, 64, r) for r in (3000, 4000, 3500)]
+    rows += [_row("workers 2 (auto)", project, 64, r) for r in (2100, 1900, float("nan"))]
+    rows += [_row("workers 2 (auto)", "perf_analyzer", 64, r) for r in (2400, 2600, 2500)]
+    rows += [_row("PyTriton", "perf_analyzer", 64, r) for r in (2000, 1000, 2100)]
+    medians = {(r["server"], r["tool"]): r for r in _median_rows(rows)}
+    assert medians[("echo (1 process, transport ceiling)", project)]["infer_per_s"] == 3500
+    assert medians[("workers 2 (auto)", project)]["infer_per_s"] == 1900  # a failed round counts as the lowest
+    assert medians[("PyTriton", "perf_analyzer")]["rounds"] == "2000 / 1000 / 2100"
+    text = render(list(medians.values()), argparse.Namespace(seconds=3.0, rounds=3))
+    assert "| 64 | 1.25x |" in text  # 2500 against 2000
+    assert "- workers 2 (auto): 1900/s = 0.54" in text  # against the echo's 3500
