@@ -239,6 +239,8 @@ async def supervise(options, workers: int, log_level: str, log_format: str, even
     """Serve with `workers` processes until SIGTERM or SIGINT; 0 when every worker drained with nothing cut."""
     check_exposure(options.host, TokenCheck(options.inference_tokens, options.admin_tokens), options.tls,
                    options.allow_unauthenticated)
+    if options.tls:  # the files are read here too, so that a missing one is one line, not one per worker
+        options.tls.credentials()
     if not Path(options.repository).is_dir():
         raise StartRefused(f"model repository {options.repository} is not a directory")
     held, port = hold_port(options.host, options.port)

@@ -132,7 +132,7 @@ def test_the_workers_flag_and_auto():
     assert 1 <= auto <= 8 and auto <= len(os.sched_getaffinity(0))
 
 
-def test_a_port_taken_by_another_program_is_refused_in_one_line(small_repo):
+def test_a_port_taken_by_another_program_or_a_missing_file_is_refused_in_one_line(small_repo):
     with socket.socket() as other:  # another program's listener, without SO_REUSEPORT
         other.bind(("127.0.0.1", 0))
         other.listen()
@@ -142,6 +142,10 @@ def test_a_port_taken_by_another_program_is_refused_in_one_line(small_repo):
                             timeout=30)
         assert f"cannot listen on 127.0.0.1:{port}: the port is taken" in one_line_error(result)
         assert time.monotonic() - started < 20
+    # What every worker would refuse is refused once, before any starts.
+    result = run_module("serving", "serve", "--model-repository", small_repo, "--port", "0", "--workers", "2",
+                        "--tls-cert", "missing.pem", "--tls-key", "missing.pem", timeout=30)
+    assert "missing.pem" in one_line_error(result)
     # The supervisor's hold keeps a program that does not share ports out for as long as it serves.
     held, port = hold_port("127.0.0.1", 0)
     try:
