@@ -147,7 +147,8 @@ def run(args) -> list[dict]:
         servers.append(("echo (1 process, transport ceiling)", proc, address, False))
         for n, label in labels.items():
             proc, address = start_process(["-m", "serving", "serve", "--model-repository", args.model_repository,
-                                           "--port", "0", "--log-level", "WARNING", "--workers", str(n)], env=env)
+                                           "--port", "0", "--http-port", "0", "--log-level", "WARNING", "--workers",
+                                           str(n)], env=env)
             servers.append((label, proc, address, True))
         if args.pytriton_python:
             python = Path(args.pytriton_python)

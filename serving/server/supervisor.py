@@ -4,11 +4,12 @@ One Python thread runs a server's event loop, and under many callers that thread
 ceiling (at 64 callers it sat at 100% while the process used 1.2 cores). Processes lift it, as gRPC's own
 multiprocessing example, gunicorn or Triton's many front-end threads do:
 
-- The port. The supervisor binds it first without SO_REUSEPORT, which fails when any other socket has it (so a
-  port taken by another program is refused with one line, before a model loads), then sets SO_REUSEPORT on
-  that socket and keeps it, bound and not listening, until it exits: the workers join it (gRPC binds with
-  SO_REUSEPORT in a worker) and no other program can take the port meanwhile, even between workers. The
-  kernel spreads new connections over the workers' listeners; one HTTP/2 connection stays on one worker.
+- The ports (gRPC, and REST when on). The supervisor binds each first without SO_REUSEPORT, which fails when
+  any other socket has it (so a port taken by another program is refused with one line, before a model
+  loads), then sets SO_REUSEPORT on that socket and keeps it, bound and not listening, until it exits: the
+  workers join it (gRPC and aiohttp bind with SO_REUSEPORT in a worker) and no other program can take the port
+  meanwhile, even between workers. The kernel spreads new connections over the workers' listeners; one HTTP/2
+  (or keep-alive HTTP/1.1) connection stays on one worker.
 - The workers. Each is a whole server (`python -m serving.server.worker`): its repository, batchers,
   onnxruntime sessions and whatever ports a server listens on. onnxruntime's threads are divided among them
   (`--intra-op-threads 0`: the usable cores / N per worker). What spans them (management calls, statistics,
@@ -244,6 +245,15 @@ async def supervise(options, workers: int, log_level: str, log_format: str, even
     if not Path(options.repository).is_dir():
         raise StartRefused(f"model repository {options.repository} is not a directory")
     held, port = hold_port(options.host, options.port)
+    http_port = options.http_port
+    if http_port is not None:  # the REST port is held and shared the same way
+        try:
+            held_http, http_port = hold_port(options.host, http_port)
+        except StartRefused as e:
+            for sock in held:
+                sock.close()
+            raise StartRefused(f"{e} (--http-port)") from None
+        held += held_http
     endpoint = None
     try:
         with tempfile.TemporaryDirectory(prefix="cnn-serving-") as directory:
@@ -259,7 +269,8 @@ async def supervise(options, workers: int, log_level: str, log_format: str, even
             runtime = options.runtime
             if not runtime.intra_op_threads:  # the cores divided among the workers
                 runtime = replace(runtime, intra_op_threads=max(1, usable_cores() // workers))
-            worker_options = replace(options, port=port, metrics_port=0, runtime=runtime)
+            worker_options = replace(options, port=port, http_port=http_port, reuse_port=True, metrics_port=0,
+                                     runtime=runtime)
             launch = Launch(worker_options, workers, log_level, log_format, event_loop)
             path = Path(directory) / LAUNCH_FILE
             with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:

@@ -5,6 +5,7 @@ on its private socket, where its siblings reach it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -40,8 +41,9 @@ class Workers:
     """`python -m serving serve --workers N` on a free port; its log kept."""
 
     def __init__(self, repository: Path, *flags: str, workers: int = 2, env: dict | None = None):
+        rest = [] if "--http-port" in flags else ["--http-port", "0"]  # 0: no REST port
         self.proc = subprocess.Popen([sys.executable, "-m", "serving", "serve", "--model-repository", str(repository),
-                                      "--port", "0", "--workers", str(workers), *flags],
+                                      "--port", "0", "--workers", str(workers), *rest, *flags],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                                      env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
         self.lines: list[str] = []
@@ -86,6 +88,12 @@ class Workers:
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        return free.getsockname()[1]
 
 
 def on_worker(directory: str, index: int, method: str, request):
@@ -142,6 +150,9 @@ def test_a_port_taken_by_another_program_or_a_missing_file_is_refused_in_one_lin
                             timeout=30)
         assert f"cannot listen on 127.0.0.1:{port}: the port is taken" in one_line_error(result)
         assert time.monotonic() - started < 20
+        result = run_module("serving", "serve", "--model-repository", small_repo, "--port", "0", "--http-port", port,
+                            "--workers", "2", timeout=30)
+        assert "the port is taken" in one_line_error(result) and "--http-port" in one_line_error(result)
     # What every worker would refuse is refused once, before any starts.
     result = run_module("serving", "serve", "--model-repository", small_repo, "--port", "0", "--workers", "2",
                         "--tls-cert", "missing.pem", "--tls-key", "missing.pem", timeout=30)
@@ -191,10 +202,8 @@ def test_a_management_call_through_one_connection_reaches_every_worker(repo):
 
 
 def test_statistics_and_metrics_add_up_across_workers(repo):
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        metrics_port = free.getsockname()[1]
-    server = Workers(repo, "--metrics-port", str(metrics_port))
+    metrics_port, rest_port = free_port(), free_port()
+    server = Workers(repo, "--metrics-port", str(metrics_port), "--http-port", str(rest_port))
     try:
         calls = 0
         for _ in range(24):  # 24 connections: each lands on one worker or the other
@@ -218,6 +227,11 @@ def test_statistics_and_metrics_add_up_across_workers(repo):
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
         success = [line for line in text.splitlines() if line.startswith("inference_request_success_total{")]
         assert success and float(success[0].rsplit(" ", 1)[1]) == calls
+        # REST: the same whole-server statistics, from whichever worker its connection reached.
+        for _ in range(4):
+            stats = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{rest_port}/v2/models/{MODEL}/stats",
+                                                      timeout=10).read())
+            assert int(stats["model_stats"][0]["inference_stats"]["success"]["count"]) == calls
         assert server.stop() == 0
     finally:
         server.stop()
