@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -83,8 +84,10 @@ def main() -> int:
     loads: dict[str, list[dict]] = {name: [] for name in trees}
     for round_ in range(args.rounds):
         for name, tree in trees.items():
+            # One server process each (a checkout with `--workers` would otherwise start one per core).
+            env = {**os.environ, "CNN_SERVING_WORKERS": "1"}
             proc, address = start_process(["-m", "serving", "serve", "--port", "0",
-                                           "--model-repository", str(tree / "model_repository")], cwd=tree)
+                                           "--model-repository", str(tree / "model_repository")], cwd=tree, env=env)
             try:
                 if round_ == 0:
                     seen[name] = answers(address, images, labels)

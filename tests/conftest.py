@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 from pathlib import Path
 
@@ -17,6 +18,10 @@ from training.export import export_to_repository
 from training.models import create_model
 
 LABELS = [f"class_{i}" for i in range(10)]
+
+# The suite starts many servers as processes, several at once on 2 cores: each is one process unless its test
+# asks for workers (tests/server/test_workers.py), so that the default (`auto`) does not double every start.
+os.environ.setdefault("CNN_SERVING_WORKERS", "1")
 
 # The slow tier: modules that start processes of their own (servers, Ray, pip, Envoy, trainings) or run for
 # seconds each. `make test-fast` (pytest -m "not slow") leaves them out and runs in under 60 s; `make test` runs

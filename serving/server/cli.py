@@ -35,9 +35,9 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8001, help="gRPC port (0 = any free port)")
     p.add_argument("--http-port", type=int, default=8000, help="KServe v2 REST port on the same host, with the page "
                    "at / (HTTPS with the gRPC port's TLS files; 0 = off)")
-    p.add_argument("--workers", type=worker_count, default=1, help="server processes sharing the port, each a whole "
-                   "server with its own sessions, supervised by this one: N, or auto (one per usable core, at most "
-                   "8, on a GPU host too); 1 = this process is the server (see docs/serving.md, Workers)")
+    p.add_argument("--workers", type=worker_count, default="auto", help="server processes sharing the port, each a "
+                   "whole server with its own sessions, supervised by this one: N, or auto (one per usable core, at "
+                   "most 8, on a GPU host too); 1 = this process is the server (see docs/serving.md, Workers)")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus HTTP port, serving /metrics (0 = off)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics port (default loopback: "
                    "0.0.0.0 or :: lets a scraper on another host in)")
