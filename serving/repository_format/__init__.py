@@ -55,7 +55,7 @@ CAM_WEIGHTS_FILE = "cam_weights.npy"
 MODEL_PARAMETERS = ("preprocessing", "architecture", "features_output")
 
 
-class ConfigError(ValueError):
+class ConfigError(Exception):
     """A model directory whose configuration cannot be used; the message says what to fix."""
 
 
