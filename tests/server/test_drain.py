@@ -8,8 +8,6 @@ import asyncio
 import queue
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -25,6 +23,7 @@ from serving.server.drain import STREAM_CUT, Admission
 from serving.wire.classifier.v1 import classifier_pb2_grpc
 from serving.wire.inference import grpc_service_pb2 as kserve_pb
 from serving.wire.inference import grpc_service_pb2_grpc as kserve_grpc
+from tests.cli_run import ServeProcess
 from tests.conftest import running_server
 
 tg = pytest.importorskip("tritonclient.grpc")
@@ -202,30 +201,6 @@ def test_exit_timeout_cuts_what_is_still_running(small_repo):
 
 
 # -- `python -m serving serve` stopped by SIGTERM under load ---------------------------------------------------
-class ServerProcess:
-    def __init__(self, repository, *flags: str):
-        self.proc = subprocess.Popen([sys.executable, "-m", "serving", "serve", "--model-repository", str(repository),
-                                      "--port", "0", "--http-port", "0", *flags], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        ready = threading.Event()
-
-        def read():
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                if line.startswith("SERVING"):
-                    ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(60):
-            self.proc.kill()
-            raise AssertionError("server did not start:\n" + "".join(self.lines))
-        self.address = next(line.split()[1] for line in self.lines if line.startswith("SERVING"))
-
-    def log(self) -> str:
-        return "".join(self.lines)
-
-
 def classify_loop(address: str, stop: threading.Event, outcomes: list) -> None:
     with ClassifierClient(address, retries=0, timeout_s=30) as client:
         while not stop.is_set():
@@ -351,7 +326,7 @@ def lost(outcome: tuple[str, float, str]) -> bool:
 
 
 def test_sigterm_under_load_loses_nothing(small_repo):
-    server = ServerProcess(small_repo, "--drain-delay", "0.5", "--max-queue-delay-us", "2000")
+    server = ServeProcess(small_repo, "--drain-delay", "0.5", "--max-queue-delay-us", "2000")
     stop, stop_watch = threading.Event(), threading.Event()
     unary: list = []
     stream, aio_stream, kserve_stream, health_seen = {}, {}, {}, []
@@ -410,7 +385,7 @@ def test_sigterm_under_tritonclient_aio_load_gives_only_ok_or_unavailable(small_
     or no server to connect to), never CANCELLED, INTERNAL or UNKNOWN, which no client retries."""
     import tritonclient.grpc.aio as triton_aio
 
-    server = ServerProcess(small_repo, "--max-queue-delay-us", "2000")
+    server = ServeProcess(small_repo, "--max-queue-delay-us", "2000")
     codes: Counter = Counter()
     unavailable: Counter = Counter()
 
@@ -461,7 +436,7 @@ def test_sigterm_under_tritonclient_aio_load_gives_only_ok_or_unavailable(small_
 
 
 def test_a_second_signal_exits_at_once(small_repo):
-    server = ServerProcess(small_repo, "--drain-delay", "30")
+    server = ServeProcess(small_repo, "--drain-delay", "30")
     try:
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)

@@ -9,9 +9,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 import urllib.request
 from collections import Counter
@@ -26,7 +23,7 @@ from serving.server.cli import worker_count
 from serving.server.supervisor import hold_port, resolve_workers
 from serving.wire.inference import grpc_service_pb2 as kpb
 from serving.wire.inference import grpc_service_pb2_grpc as kgrpc
-from tests.cli_run import ROOT, one_line_error, run_module
+from tests.cli_run import ServeProcess, one_line_error, run_module
 from tests.conftest import export_small
 
 tg = pytest.importorskip("tritonclient.grpc")
@@ -37,33 +34,11 @@ MODEL = "fmnist"
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
-class Workers:
+class Workers(ServeProcess):
     """`python -m serving serve --workers N` on a free port; its log kept."""
 
     def __init__(self, repository: Path, *flags: str, workers: int = 2, env: dict | None = None):
-        rest = [] if "--http-port" in flags else ["--http-port", "0"]  # 0: no REST port
-        self.proc = subprocess.Popen([sys.executable, "-m", "serving", "serve", "--model-repository", str(repository),
-                                      "--port", "0", "--workers", str(workers), *rest, *flags],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
-        self.lines: list[str] = []
-        ready = threading.Event()
-
-        def read():
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                if line.startswith("SERVING"):
-                    ready.set()
-            ready.set()  # it ended
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(60) or not any(line.startswith("SERVING") for line in self.lines):
-            self.proc.kill()
-            raise AssertionError("server did not start:\n" + self.log())
-        self.address = next(line.split()[1] for line in self.lines if line.startswith("SERVING"))
-
-    def log(self) -> str:
-        return "".join(self.lines)
+        super().__init__(repository, "--workers", str(workers), *flags, env=env)
 
     def workers(self) -> dict[int, tuple[int, str]]:
         """index -> (pid, private directory) of each worker process now running."""
@@ -79,15 +54,6 @@ class Workers:
                 at = argv.index(b"serving.server.worker")
                 found[int(argv[at + 2])] = (int(stat.parent.name), argv[at + 1].decode())
         return found
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
 
 
 def free_port() -> int:

@@ -1,6 +1,7 @@
 """The learning-rate schedules, built from torch's schedulers, give every step the rate of the formulas the loop
 used before (written out here as the reference), for every schedule name the configs use."""
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from training.config import config_from_dict, load_config
-from training.schedule import make_scheduler, peak_lr
+from training.schedule import make_scheduler, peak_lr, steps_per_epoch
 
 
 def reference_lr(cfg, peak: float, epoch_steps: int, step: int) -> float:
@@ -84,3 +85,22 @@ def test_resume_continues_the_schedule():
         resumed_opt.step()
         resumed.step()
     assert later == pytest.approx(whole[20:], rel=1e-9)
+
+
+def test_linear_lr_scaling_with_warmup():
+    cfg = config_from_dict({"lr": 0.1, "lr_scaling": "linear", "batch_size": 1024, "warmup_epochs": 2, "epochs": 10})
+    assert peak_lr(cfg, world=1) == pytest.approx(0.4)  # 0.1 per 256 images, global batch 1024
+    assert peak_lr(cfg, world=2) == pytest.approx(0.8)  # 2 processes: global batch 2048
+    assert peak_lr(dataclasses.replace(cfg, lr_scaling="none"), world=2) == 0.1
+    with pytest.raises(ValueError, match="lr_scaling"):
+        peak_lr(dataclasses.replace(cfg, lr_scaling="sqrt"), world=1)
+    assert steps_per_epoch(cfg, n_train=54000, world=1) == 53
+    assert steps_per_epoch(cfg, n_train=54000, world=2) == 27
+    seen = rates(cfg, peak_lr(cfg, world=1), 53)
+    assert len(seen) == 530
+    warmup = seen[:106]
+    assert warmup[0] == pytest.approx(0.4 / 106) and warmup[-1] == pytest.approx(0.4)
+    assert all(a < b for a, b in zip(warmup, warmup[1:]))
+    decay = seen[106:]
+    assert decay[0] == pytest.approx(0.4) and all(a >= b for a, b in zip(decay, decay[1:]))
+    assert decay[-1] < 1e-4

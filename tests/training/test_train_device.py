@@ -1,7 +1,6 @@
 """The training loop's device path, precision, compile option, learning-rate rule and resume, on the CPU at toy
 size (the same code runs on a GPU, where only the device differs)."""
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ from training.config import config_from_dict
 from training.data import Split
 from training.loading import Data, epoch_batches, model_batch, to_device
 from training.runtime import Runtime, autocast_dtype, resolve_device
-from training.schedule import make_scheduler, peak_lr, steps_per_epoch
 from training.train import train
 
 CPU = torch.device("cpu")
@@ -104,37 +102,6 @@ def test_devices_and_precisions():
     assert autocast_dtype("bf16", CPU) == torch.bfloat16
     with pytest.raises(ValueError, match="unknown amp"):
         autocast_dtype("fp8", CPU)
-
-
-def test_linear_lr_scaling_with_warmup():
-    cfg = config_from_dict({"lr": 0.1, "lr_scaling": "linear", "batch_size": 1024, "warmup_epochs": 2, "epochs": 10})
-    assert peak_lr(cfg, world=1) == pytest.approx(0.4)  # 0.1 per 256 images, global batch 1024
-    assert peak_lr(cfg, world=2) == pytest.approx(0.8)  # 2 processes: global batch 2048
-    assert peak_lr(dataclasses.replace(cfg, lr_scaling="none"), world=2) == 0.1
-    with pytest.raises(ValueError, match="lr_scaling"):
-        peak_lr(dataclasses.replace(cfg, lr_scaling="sqrt"), world=1)
-    assert steps_per_epoch(cfg, n_train=54000, world=1) == 53
-    assert steps_per_epoch(cfg, n_train=54000, world=2) == 27
-    rates = step_rates(cfg, peak_lr(cfg, world=1), 53)
-    assert len(rates) == 530
-    warmup = rates[:106]
-    assert warmup[0] == pytest.approx(0.4 / 106) and warmup[-1] == pytest.approx(0.4)
-    assert all(a < b for a, b in zip(warmup, warmup[1:]))
-    decay = rates[106:]
-    assert decay[0] == pytest.approx(0.4) and all(a >= b for a, b in zip(decay, decay[1:]))
-    assert decay[-1] < 1e-4
-
-
-def step_rates(cfg, peak: float, epoch_steps: int) -> list[float]:
-    """The learning rate of every optimiser step of a run, as the loop sees them."""
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=peak)
-    scheduler = make_scheduler(cfg, optimizer, epoch_steps)
-    rates = []
-    for _ in range(epoch_steps * cfg.epochs):
-        rates.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    return rates
 
 
 def test_bf16_autocast_learns_on_cpu(tiny_fmnist, tmp_path):
