@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The short GPU check: the serving benchmark for ResNet-50 (and ResNet-18) with the CUDA provider (under
-# 5 minutes), then with CUDA graphs, and TensorRT where present, each part bounded by its own timeout (8
-# minutes in all at most); the tables are written to $OUT (or bench/results/).
+# 5 minutes), then with CUDA graphs, the host's CPU side (`serve --workers 1` and `auto` on the small net), and
+# TensorRT where present, each part bounded by its own timeout (9 minutes in all at most, under one call's
+# 10); the tables are written to $OUT (or bench/results/).
 #
 # The lent GPU machine has torch (CUDA 13, cuDNN 9 as pip packages) and a CPU-only onnxruntime, and no
 # network. onnxruntime-gpu's wheel (255 MB) is over what one call may carry (64 MiB), so it travels in
@@ -59,6 +60,10 @@ PY
   timeout 90 "$PYTHON" bench/serving_bench.py --models resnet50 --device cuda --concurrency 1,64 --batches 1,64 \
     --seconds 2 --server-args "--cuda-graphs" --out "$OUT/gpu_bench_cuda_graphs.md" \
     2>"$OUT/gpu_bench_cuda_graphs.log" || true
+  # The host's CPU side: single-image requests/s of the small net with one worker and with one per core (up to
+  # 8), against the echo ceiling (no perf_analyzer there: it needs packages from the network).
+  timeout 100 "$PYTHON" bench/workers_bench.py --workers 1,auto --concurrency "" --rounds 1 --seconds 3 \
+    --out "$OUT/gpu_host_workers.md" 2>"$OUT/gpu_host_workers.log" || true
   if "$PYTHON" -c 'import onnxruntime as o, sys; sys.exit("TensorrtExecutionProvider" not in o.get_available_providers())'; then
     timeout 120 "$PYTHON" bench/serving_bench.py --models resnet50 --device cuda --tensorrt --concurrency 64 \
       --batches 1,64 --seconds 2 --out "$OUT/gpu_bench_tensorrt.md" 2>"$OUT/gpu_bench_tensorrt.log" || true

@@ -107,8 +107,10 @@ def start_process(args: list[str], timeout_s: float = 180, python: str = sys.exe
                   env: dict | None = None, cwd: Path = ROOT, stdin=None) -> tuple[subprocess.Popen, str]:
     """Start a process that prints `SERVING host:port` when it serves (the server, the echo server, a bench's
     receiver), from `cwd` (another checkout, to compare with); (process, address). A server gets no fixed REST
-    port (CNN_SERVING_HTTP_PORT=0 unless the environment given sets it), so that several can run at once."""
-    env = {"CNN_SERVING_HTTP_PORT": "0", **(os.environ if env is None else env)}
+    port (CNN_SERVING_HTTP_PORT=0 unless the environment given sets it), so that several can run at once, and is
+    one process unless its flags or that environment ask for workers (the served rows measure one server's
+    batching against in-process onnxruntime)."""
+    env = {"CNN_SERVING_HTTP_PORT": "0", "CNN_SERVING_WORKERS": "1", **(os.environ if env is None else env)}
     proc = subprocess.Popen([python, *args], stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True, env=env, cwd=cwd)
     end = time.time() + timeout_s

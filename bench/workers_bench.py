@@ -126,7 +126,8 @@ def run(args) -> list[dict]:
     """Every server is started first and stays up (idle ones cost next to nothing); then each round measures
     each of them in turn at each load, so that a neighbour's load on this shared machine falls on all alike."""
     home = Path(args.home)
-    command = perf_analyzer_command(home, setup(home))
+    # No perf_analyzer rows (`--concurrency ""`): nothing to set up (a machine without a network can run the rest).
+    command = perf_analyzer_command(home, setup(home)) if args.concurrency else None
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     rows: list[dict] = []
 
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="also write the tables here")
     args = p.parse_args(argv)
     args.workers = [w.strip() for w in args.workers.split(",") if w.strip()]
-    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     text = render(run(args), args)
     print(text)
     if args.out:
