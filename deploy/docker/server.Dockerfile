@@ -14,11 +14,15 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY serving ./serving
 # Wheels of the project and of every dependency, built here so that the final stage only installs them.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[server-cpu]"
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[server-cpu]" \
+    && sha256sum /wheels/*.whl > /wheels.sha256
 
 FROM ${BASE}
 # A fixed numeric user, so Kubernetes' runAsNonRoot can verify it.
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin serving
+# The wheels' hashes, copied first: a build cache keys the RUN below on its text, not on what a mount holds,
+# so without them an old layer (with the old code) would be reused after the source changed.
+COPY --from=wheels /wheels.sha256 /tmp/wheels.sha256
 # The wheels built above, mounted for this step only (a COPY would keep them in a layer), installed offline:
 # their versions are the ones resolved there.
 # hadolint ignore=DL3013

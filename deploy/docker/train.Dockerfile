@@ -23,11 +23,15 @@ COPY serving ./serving
 COPY training ./training
 # TORCH_INDEX holds options, split by the shell on purpose.
 # hadolint ignore=SC2086
-RUN pip wheel --no-cache-dir --wheel-dir /wheels $TORCH_INDEX "$TORCH" ".[$EXTRA]"
+RUN pip wheel --no-cache-dir --wheel-dir /wheels $TORCH_INDEX "$TORCH" ".[$EXTRA]" \
+    && sha256sum /wheels/*.whl > /wheels.sha256
 
 FROM ${BASE}
 ARG EXTRA=train-cpu
 RUN useradd --system --uid 10001 --create-home --shell /usr/sbin/nologin trainer
+# The wheels' hashes, copied first: a build cache keys the RUN below on its text, not on what a mount holds,
+# so without them an old layer (with the old code) would be reused after the source changed.
+COPY --from=wheels /wheels.sha256 /tmp/wheels.sha256
 # The wheels built above, mounted for this step only (a COPY would keep them in a layer), installed offline.
 # hadolint ignore=DL3013
 RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \

@@ -107,8 +107,10 @@ def test_training_image_takes_cpu_torch_by_default_with_a_gpu_variant():
 @pytest.mark.parametrize("dockerfile", sorted(DOCKER.glob("*.Dockerfile")), ids=lambda p: p.name)
 def test_wheels_are_mounted_into_the_install_step_not_copied(dockerfile):
     text = dockerfile.read_text()
-    assert "COPY --from=wheels" not in text  # a COPY layer keeps the wheels even after `rm`
+    assert not re.search(r"COPY --from=wheels /wheels[/ ]", text)  # a COPY layer keeps the wheels even after `rm`
     assert re.search(r"RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \\\n\s+pip install", text)
+    # Their hashes are copied before it: the cache keys that step on them, so new code is never left out.
+    assert text.index("COPY --from=wheels /wheels.sha256") < text.index("RUN --mount=type=bind,from=wheels")
 
 
 @pytest.mark.parametrize("dockerfile", sorted(DOCKER.glob("*.Dockerfile")), ids=lambda p: p.name)
