@@ -125,10 +125,11 @@ class InferenceServer:
                 await self.metrics.serve(o.metrics_port, o.metrics_host)
             except OSError as e:
                 raise StartRefused(f"--metrics-port {o.metrics_port} on {o.metrics_host}: {e.strerror or e}") from None
+        # One KServe servicer answers gRPC and, through the REST routes' transcoding, REST.
+        kserve_service = kserve.KServeService(self.repository, self.readiness, self.tracing, siblings=self.siblings)
         if o.http_port is not None:  # before loading too; health answers "not ready" over REST meanwhile
-            self.http = HttpSite(kserve.KServeService(self.repository, self.readiness, self.tracing,
-                                                     siblings=self.siblings), self.access,
-                                 self.admission, self.metrics, o.max_message_bytes, o.http_body_timeout_s, self.tracing)
+            self.http = HttpSite(kserve_service, self.access, self.admission, self.metrics, o.max_message_bytes,
+                                 o.http_body_timeout_s, self.tracing)
             self.http_port = await self.http.start(o.host, o.http_port, o.tls or None, o.reuse_port)
         await self.repository.load_all(unloaded=o.worker.unloaded() if o.worker else ())
         self.server = grpc.aio.server(options=self._grpc_options())
@@ -137,8 +138,7 @@ class InferenceServer:
                                                         tracing=self.tracing).wrap)
         classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierService(self.repository), ours)
         service_names = [classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name]
-        kserve_service = kserve.register(ours, self.repository, readiness=self.readiness, tracing=self.tracing,
-                                         siblings=self.siblings)
+        kserve.register(ours, kserve_service)
         if o.worker:
             self.sibling_server = SiblingServer(o.worker, kserve_service.local_handlers())
             await self.sibling_server.start()

@@ -77,6 +77,8 @@ def error_response(status: int, message: str, headers: dict | None = None) -> we
 
 
 def _answer(error: BaseException) -> web.Response:
+    if isinstance(error, BodyRefused):  # a status HTTP has and gRPC does not
+        return error_response(error.http_status, str(error))
     code, message = (error.code, error.message) if isinstance(error, Aborted) else status_of(error)
     status = HTTP_STATUS.get(code, 500)
     headers = {"WWW-Authenticate": 'Bearer realm="cnn-serving"'} if status == 401 else None
@@ -140,12 +142,17 @@ class Call:
             gate.reading -= reserved
 
 
-class TooLarge(InvalidInput):
-    status = 413
+class BodyRefused(InvalidInput):
+    """A body the gate will not read, answered with its own HTTP status (on gRPC it would be INVALID_ARGUMENT)."""
+    http_status = 400
 
 
-class SlowBody(InvalidInput):
-    status = 408
+class TooLarge(BodyRefused):
+    http_status = 413
+
+
+class SlowBody(BodyRefused):
+    http_status = 408
 
 
 class HttpGate:
@@ -189,8 +196,7 @@ class HttpGate:
                         entered = True
                     response = await handler(request, Call(request, self, metadata))
                 except Exception as e:  # noqa: BLE001 - every error becomes a mapped status (a bug: 500, logged)
-                    response = (error_response(e.status, str(e)) if isinstance(e, (TooLarge, SlowBody))
-                                else _answer(e))
+                    response = _answer(e)
                 if not self.admission.accepting:
                     response.force_close()  # draining: the client reconnects, to another replica
                 status = response.status

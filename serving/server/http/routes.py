@@ -24,6 +24,14 @@ def _json(value, status: int = 200) -> web.Response:
     return web.Response(status=status, body=codec.dumps(value), content_type=JSON)
 
 
+def _parsed(text: bytes | bytearray | memoryview) -> dict:
+    """A body's JSON (an infer body's JSON part), refused past MAX_JSON_BYTES before it is parsed."""
+    if len(text) > MAX_JSON_BYTES:
+        raise InvalidInput(f"{len(text)} bytes of JSON are over {MAX_JSON_BYTES}; send tensors as binary data "
+                           "(Triton's binary tensor extension)")
+    return codec.parse_json(text)
+
+
 def _model(request: web.Request) -> tuple[str, str]:
     return request.match_info["model"], request.match_info.get("version", "")
 
@@ -39,10 +47,7 @@ class KServeRoutes:
         body = await call.body()
         if not body and optional:
             return {}
-        if len(body) > MAX_JSON_BYTES:
-            raise InvalidInput(f"a JSON body of {len(body)} bytes is over {MAX_JSON_BYTES}; send tensors as "
-                               "binary data (Triton's binary tensor extension)")
-        return codec.parse_json(body)
+        return _parsed(body)
 
     # -- health and metadata -------------------------------------------------------------------------------
     async def live(self, request: web.Request, call: Call) -> web.Response:
@@ -83,10 +88,7 @@ class KServeRoutes:
         name, version = _model(request)
         body = await call.body()
         text, binary = codec.split_body(body, request.headers.get(codec.HEADER_LENGTH))
-        if len(text) > MAX_JSON_BYTES:
-            raise InvalidInput(f"a JSON part of {len(text)} bytes is over {MAX_JSON_BYTES}; send tensors as "
-                               "binary data (Triton's binary tensor extension)")
-        infer = codec.infer_request(codec.parse_json(text), binary, name, version)
+        infer = codec.infer_request(_parsed(text), binary, name, version)
         del body, text, binary  # the request message holds the tensors now
         answer = await self._run("ModelInfer", infer.request, call)
         out, header_length = codec.infer_response(answer, infer)

@@ -243,9 +243,5 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         return log_settings(self.logs, request)
 
 
-def register(grpc_server: grpc.aio.Server, repository: ModelRepository,
-             readiness: Callable[[], tuple[bool, str]] | None = None, tracing: Tracing | None = None,
-             siblings: Siblings | None = None) -> KServeService:
-    service = KServeService(repository, readiness, tracing, siblings=siblings)
+def register(grpc_server: grpc.aio.Server, service: KServeService) -> None:
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, grpc_server)
-    return service
