@@ -93,3 +93,12 @@ class InternalError(ServingError):
 class StartRefused(ServingError):
     """A start the server refuses (a flag, a file, a port, a missing extra): the one-line reason and what to
     change. The command line prints it without a traceback."""
+
+
+class SiblingRefused(ServingError):
+    """What another worker of the same server (`serve --workers N`) answered to its half of a call: the caller
+    gets the status and message that worker gave."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status

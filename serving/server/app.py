@@ -121,10 +121,7 @@ class InferenceServer:
         o.connections.check_file_limit()
         redact_undecodable_metadata()
         if o.metrics_port:  # before minutes of model loading: a metrics port that cannot bind stops the start
-            try:
-                await self.metrics.serve(o.metrics_port, o.metrics_host)
-            except OSError as e:
-                raise StartRefused(f"--metrics-port {o.metrics_port} on {o.metrics_host}: {e.strerror or e}") from None
+            await self.metrics.serve(o.metrics_port, o.metrics_host)
         # One KServe servicer answers gRPC and, through the REST routes' transcoding, REST.
         kserve_service = kserve.KServeService(self.repository, self.readiness, self.tracing, siblings=self.siblings)
         if o.http_port is not None:  # before loading too; health answers "not ready" over REST meanwhile

@@ -26,7 +26,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from ..engine.errors import InvalidInput
+from ..engine.errors import InvalidInput, StartRefused
 
 # No `_created` twin for every counter and histogram: it doubles the series and no dashboard reads it.
 disable_created_metrics()
@@ -120,7 +120,7 @@ class MetricsEndpoint:
         self.port = 0
 
     async def serve(self, port: int, host: str = "127.0.0.1") -> None:
-        """Serve /metrics on host:port (IPv6 addresses too); OSError if it cannot bind."""
+        """Serve /metrics on host:port (IPv6 addresses too); StartRefused, naming the flag, if it cannot bind."""
         app = web.Application()
         app.router.add_get(METRICS_PATH, self._scrape)
         self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_TIMEOUT_S,
@@ -131,9 +131,9 @@ class MetricsEndpoint:
         site = web.TCPSite(self._runner, None if host == "::" else host, port)
         try:
             await site.start()
-        except OSError:
+        except OSError as e:
             await self.close()
-            raise
+            raise StartRefused(f"--metrics-port {port} on {host}: {e.strerror or e}") from None
         self.port = self._runner.addresses[0][1]
 
     async def _scrape(self, request: web.Request) -> web.Response:

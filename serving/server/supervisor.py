@@ -261,11 +261,7 @@ async def supervise(options, workers: int, log_level: str, log_format: str, even
             (Path(directory) / "metrics").mkdir()
             if options.metrics_port:
                 endpoint = MetricsEndpoint(workers_registry(str(Path(directory) / "metrics")))
-                try:
-                    await endpoint.serve(options.metrics_port, options.metrics_host)
-                except OSError as e:
-                    raise StartRefused(f"--metrics-port {options.metrics_port} on {options.metrics_host}: "
-                                       f"{e.strerror or e}") from None
+                await endpoint.serve(options.metrics_port, options.metrics_host)
             runtime = options.runtime
             if not runtime.intra_op_threads:  # the cores divided among the workers
                 runtime = replace(runtime, intra_op_threads=max(1, usable_cores() // workers))

@@ -29,7 +29,7 @@ from pathlib import Path
 import grpc
 from google.protobuf import empty_pb2
 
-from ...engine.errors import ServingError
+from ...engine.errors import SiblingRefused
 from ...wire.inference import grpc_service_pb2 as pb
 from .status import status_of
 
@@ -52,14 +52,6 @@ _CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_recon
                     ("grpc.max_reconnect_backoff_ms", 1000), ("grpc.max_receive_message_length", 64 << 20)]
 
 Handler = Callable[[object], Awaitable[object]]
-
-
-class SiblingRefused(ServingError):
-    """What another worker answered to its half of a call: the caller gets the same status and message."""
-
-    def __init__(self, status: str, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)

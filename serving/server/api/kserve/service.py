@@ -228,7 +228,6 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
     async def CudaSharedMemoryUnregister(self, request, context):
         await _unimplemented(context, "CUDA shared memory", _SHARED_MEMORY_HINT)
 
-
     # -- trace and log settings (admin) ----------------------------------------------------------------------
     async def TraceSetting(self, request, context):
         return await self._everywhere("TraceSetting", request, self._trace_here)
