@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from serving.cli_support import add_alias, prog_name
@@ -58,6 +59,14 @@ def cmd_train(args: argparse.Namespace) -> None:
         checkpoint = Path(cfg.out_dir) / "checkpoint.pt"
         print(f"checkpoint: {checkpoint}")
         print(f"next: python -m training export {checkpoint} --model-repository {DEFAULT_REPOSITORY}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # DDP keeps the process group alive in C++ after destroy_process_group: its gloo threads are still running
+        # at exit (pt_gloo_runloop, gloo_tcp_loop), and tearing them down with the interpreter has aborted a
+        # finished run (SIGABRT, "terminate called without an active exception"). Every file is written and
+        # closed by now, so a torchrun process leaves without that teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def cmd_models() -> None:
