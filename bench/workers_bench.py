@@ -13,7 +13,8 @@ For each worker count (auto counted once where it is a count already measured), 
 Before them, the bare `grpc.aio` echo server (one process, the event loop ours would choose) under the same
 client gives the ceiling of the transport; with --pytriton-python, PyTriton serves the same ONNX file
 (bench/pytriton_server.py: Triton's C++ front end and dynamic batcher, onnxruntime behind it) to the same
-perf_analyzer runs. Client, servers and models share this machine's cores.
+perf_analyzer runs, twice: with the logits alone, and with the same four outputs as ours (PEERS below).
+Client, servers and models share this machine's cores.
 
 Every server is up for the whole run, and each round measures each one in turn at each load (three rounds,
 the median reported with every round's figure): a neighbour's load on a shared machine then falls on all of
@@ -48,6 +49,10 @@ from serving_bench import (  # noqa: E402
 from serving.server.supervisor import resolve_workers, usable_cores  # noqa: E402
 
 MODEL = "fashion_mnist"
+# The peers PyTriton serves (bench/pytriton_server.py): perf_analyzer asks a server for every output its model
+# lists. Ours lists four for this model (logits, features, probabilities and the CAM, 15.7 KB per answer); the
+# first peer lists logits alone (40 bytes), the second the same four, computed by the same formula.
+PEERS = {"PyTriton, logits only": (), "PyTriton + CAM, the same 4 outputs": ("--same-outputs",)}
 CLASSIFY = "/classifier.v1.Classifier/Classify"
 
 
@@ -155,10 +160,11 @@ def run(args) -> list[dict]:
             python = Path(args.pytriton_python)
             pt_env = {**os.environ, "LD_LIBRARY_PATH": f"{python.resolve().parent.parent / 'lib'}:"
                       f"{Path(sys.base_prefix) / 'lib'}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
-            proc, address = start_process([str(ROOT / "bench" / "pytriton_server.py"),
-                                           str(Path(args.model_repository) / MODEL), MODEL, str(_free_port()), "64"],
-                                          python=str(python), env=pt_env)
-            servers.append(("PyTriton", proc, address, False))
+            for label, flags in PEERS.items():
+                proc, address = start_process([str(ROOT / "bench" / "pytriton_server.py"),
+                                               str(Path(args.model_repository) / MODEL), MODEL, str(_free_port()), "64",
+                                               *flags], python=str(python), env=pt_env)
+                servers.append((label, proc, address, False))
         for _ in range(args.rounds):
             for label, proc, address, ours in servers:
                 if ours or label.startswith("echo"):
@@ -181,10 +187,12 @@ def render(rows: list[dict], args) -> str:
              "|---|---|---:|---:|---:|---:|---|---:|---|"]
     lines += [f"| {r['server']} | {r['tool']} | {r['clients']} | {r['infer_per_s']:.0f} | {r['p50_ms']:.2f} | "
               f"{r['p99_ms']:.2f} | {r['cpu']} | {r['errors']} | {r['rounds']} |" for r in rows]
-    peer = {r["clients"]: r["infer_per_s"] for r in rows if r["server"] == "PyTriton"}
     ours = sorted({r["server"] for r in rows if r["server"].startswith("workers")})
-    if peer:
-        lines += ["", "perf_analyzer, ours / PyTriton:", "", "| clients | " + " | ".join(ours) + " |",
+    for label in PEERS:
+        peer = {r["clients"]: r["infer_per_s"] for r in rows if r["server"] == label}
+        if not peer:
+            continue
+        lines += ["", f"perf_analyzer, ours / {label}:", "", "| clients | " + " | ".join(ours) + " |",
                   "|---:|" + "---:|" * len(ours)]
         for c in sorted(peer):
             cells = [next((f"{r['infer_per_s'] / peer[c]:.2f}x" for r in rows if r["server"] == s

@@ -72,23 +72,34 @@ class BatchExecution:
         probs = probabilities(logits)
         ranking = np.argsort(-probs, axis=1, kind="stable")
         ranked = probs[np.arange(len(probs))[:, None], ranking]  # take_along_axis, without its overhead
+        cams, cam_classes = self._cams(batch, ok, rows, features, ranking)
         for i in ok:
             req, sl = batch[i], rows[i]
             result = InferenceResult(logits[sl], probs[sl], ranking[sl], ranked[sl],
                                      inputs=x[sl] if req.keep_inputs else None,
                                      features=features[sl] if req.features else None)
             if req.cam:
-                # The predicted class is the ranking's first, so Explain explains what Classify answers.
-                classes = (np.full(sl.stop - sl.start, req.target_class, np.int64) if req.target_class is not None
-                           else ranking[sl, 0].astype(np.int64))
-                result.cams = self._cams(features[sl], classes)
-                result.target_classes = classes
+                result.cams, result.target_classes = cams[sl], cam_classes[sl]
             results[i] = result
         return PhasedResults(results, (decoded - started, ran - decoded, time.perf_counter() - ran))
 
-    def _cams(self, features: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    def _cams(self, batch: list[InferenceRequest], ok: list[int], rows: list[slice], features: np.ndarray | None,
+              ranking: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The maps of every image whose request asks for them, in one call for the whole batch (indexed like
+        the batch's rows; rows that asked for none hold the predicted class's map, unused)."""
+        wanted = [i for i in ok if batch[i].cam]
+        if not wanted:
+            return None, None
+        # The predicted class is the ranking's first, so Explain explains what Classify answers.
+        classes = ranking[:, 0].astype(np.int64)
+        for i in wanted:
+            if batch[i].target_class is not None:
+                classes[rows[i]] = batch[i].target_class
+        first, last = rows[wanted[0]].start, rows[wanted[-1]].stop  # the span that holds every wanted row
         # A binary model has one weight row (its one logit) for both classes.
-        weight_rows = np.minimum(classes, len(self.cam_weights) - 1)
+        weight_rows = np.minimum(classes[first:last], len(self.cam_weights) - 1)
         size = (self.spec.preprocessing.height, self.spec.preprocessing.width)
-        return class_activation_maps(features, self.cam_weights, weight_rows, size)
+        cams = np.empty((len(classes), *size), np.float32)
+        cams[first:last] = class_activation_maps(features[first:last], self.cam_weights, weight_rows, size)
+        return cams, classes
 

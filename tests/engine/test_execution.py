@@ -74,6 +74,22 @@ def test_cam_is_the_class_weights_over_the_feature_maps(loaded):
         assert r.cams.min() == 0 and abs(r.cams.max() - 1) < 1e-6
 
 
+
+def test_maps_computed_for_a_whole_batch_match_each_request_alone(loaded):
+    """The batch's maps are computed in one call; a request between them that wants none, one that fails and
+    one with a target class and two images each get what they would get alone."""
+    bad = InferenceRequest([RawTensor((28, 28), "uint8", b"\x00" * 10)], cam=True)
+    requests = [InferenceRequest([pixels(1)], cam=True), InferenceRequest([pixels(2)]), bad,
+                InferenceRequest([pixels(3), pixels(4)], cam=True, target_class=7)]
+    results = loaded.execution.execute(requests)
+    assert isinstance(results[2], InvalidInput)
+    assert results[1].cams is None and results[1].target_classes is None
+    assert results[3].target_classes.tolist() == [7, 7]
+    for req, got in ((requests[0], results[0]), (requests[3], results[3])):
+        alone = loaded.execution.execute([req])[0]
+        assert got.target_classes.tolist() == alone.target_classes.tolist()
+        np.testing.assert_allclose(got.cams, alone.cams, atol=1e-5)
+
 def test_overlays_are_pngs_of_the_input_size(loaded):
     (r,) = loaded.execution.execute([InferenceRequest([pixels(1), pixels(2)], cam=True, keep_inputs=True)])
     pngs = cam.overlays(r.inputs, r.cams)
