@@ -13,7 +13,8 @@ For each worker count (auto counted once where it is a count already measured), 
 Before them, the bare `grpc.aio` echo server (one process, the event loop ours would choose) under the same
 client gives the ceiling of the transport; with --pytriton-python, PyTriton serves the same ONNX file
 (bench/pytriton_server.py: Triton's C++ front end and dynamic batcher, onnxruntime behind it) to the same
-perf_analyzer runs, twice: with the logits alone, and with the same four outputs as ours (PEERS below).
+perf_analyzer runs, twice: with the logits alone, and with the same four outputs as ours (PEERS below); and
+ours serves a copy of the model that lists the logits alone (`--workers auto`), like for like with the first.
 Client, servers and models share this machine's cores.
 
 Every server is up for the whole run, and each round measures each one in turn at each load (three rounds,
@@ -27,8 +28,10 @@ import argparse
 import asyncio
 import os
 import resource
+import shutil
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +49,7 @@ from serving_bench import (  # noqa: E402
     stop_process,
 )
 
+from serving.repository_format import CAM_WEIGHTS_FILE, load_spec, read_config, write_config  # noqa: E402
 from serving.server.supervisor import resolve_workers, usable_cores  # noqa: E402
 
 MODEL = "fashion_mnist"
@@ -53,6 +57,7 @@ MODEL = "fashion_mnist"
 # lists. Ours lists four for this model (logits, features, probabilities and the CAM, 15.7 KB per answer); the
 # first peer lists logits alone (40 bytes), the second the same four, computed by the same formula.
 PEERS = {"PyTriton, logits only": (), "PyTriton + CAM, the same 4 outputs": ("--same-outputs",)}
+LEAN = "logits and probabilities only"  # our row like for like with the first peer (_logits_only_copy)
 CLASSIFY = "/classifier.v1.Classifier/Classify"
 
 
@@ -148,6 +153,7 @@ def run(args) -> list[dict]:
         if w == "auto":
             labels[n] += " (auto)"
     servers = []  # (label, process, address, ours)
+    scratch = tempfile.TemporaryDirectory()
     try:
         proc, address = start_process([str(ROOT / "bench" / "serving_bench.py"), ECHO_SERVER_FLAG], env=env)
         servers.append(("echo (1 process, transport ceiling)", proc, address, False))
@@ -157,6 +163,14 @@ def run(args) -> list[dict]:
                                            str(n)], env=env)
             servers.append((label, proc, address, True))
         if args.pytriton_python:
+            # Like for like with the logits-only peer: the same model without its features output (and so
+            # without CAM), whose answers then hold logits and probabilities, 80 bytes.
+            lean = _logits_only_copy(Path(args.model_repository) / MODEL, Path(scratch.name) / MODEL)
+            n = resolve_workers("auto")
+            proc, address = start_process(["-m", "serving", "serve", "--model-repository", str(lean.parent),
+                                           "--port", "0", "--http-port", "0", "--log-level", "WARNING", "--workers",
+                                           str(n)], env=env)
+            servers.append((f"workers {n}, {LEAN}", proc, address, True))
             python = Path(args.pytriton_python)
             pt_env = {**os.environ, "LD_LIBRARY_PATH": f"{python.resolve().parent.parent / 'lib'}:"
                       f"{Path(sys.base_prefix) / 'lib'}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
@@ -176,7 +190,20 @@ def run(args) -> list[dict]:
     finally:
         for _, proc, _, _ in servers:
             stop_process(proc)
+        scratch.cleanup()
     return _median_rows(rows)
+
+
+def _logits_only_copy(model_dir: Path, into: Path) -> Path:
+    """A copy of the model whose config lists the logits alone: no features output, no CAM weights."""
+    shutil.copytree(model_dir, into, ignore=shutil.ignore_patterns(CAM_WEIGHTS_FILE))
+    config = read_config(into)
+    kept = [o for o in config.output if o.name == load_spec(model_dir).logits_output]
+    del config.output[:]
+    config.output.extend(kept)
+    del config.parameters["features_output"]
+    write_config(into, config)
+    return into
 
 
 def render(rows: list[dict], args) -> str:

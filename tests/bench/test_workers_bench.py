@@ -7,7 +7,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # the harness lives outside the package
 
-from workers_bench import PEERS, _median_rows, render  # noqa: E402
+from workers_bench import PEERS, _logits_only_copy, _median_rows, render  # noqa: E402
+
+from serving.engine.loading import load_execution  # noqa: E402
+from serving.engine.runtime import RuntimeOptions  # noqa: E402
+from serving.repository_format import load_spec  # noqa: E402
 
 
 def _row(server: str, tool: str, clients: int, rate: float) -> dict:
@@ -32,3 +36,11 @@ def test_rounds_give_their_median_and_the_tables_their_ratios():
     assert "| 64 | 1.25x |" in against_logits  # 2500 against 2000
     assert "| 64 | 2.00x |" in against_same  # 2500 against 1250
     assert "- workers 2 (auto): 1900/s = 0.54" in text  # against the echo's 3500
+
+
+def test_the_like_for_like_copy_lists_the_logits_alone_and_still_loads(small_repo, tmp_path):
+    copy = _logits_only_copy(small_repo / "fmnist", tmp_path / "fmnist")
+    spec = load_spec(copy)
+    assert not spec.features_output
+    loaded = load_execution(spec, 1, RuntimeOptions(device="cpu"), instances=1)
+    assert loaded.cam_unsupported_reason  # no features output, so no CAM to compute
