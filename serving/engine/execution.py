@@ -85,8 +85,8 @@ class BatchExecution:
 
     def _cams(self, batch: list[InferenceRequest], ok: list[int], rows: list[slice], features: np.ndarray | None,
               ranking: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """The maps of every image whose request asks for them, in one call for the whole batch (indexed like
-        the batch's rows; rows that asked for none hold the predicted class's map, unused)."""
+        """The maps and their classes for every image whose request asks for them, in one call for the whole
+        batch; indexed like the batch's rows, of which only those rows are filled."""
         wanted = [i for i in ok if batch[i].cam]
         if not wanted:
             return None, None
@@ -95,11 +95,10 @@ class BatchExecution:
         for i in wanted:
             if batch[i].target_class is not None:
                 classes[rows[i]] = batch[i].target_class
-        first, last = rows[wanted[0]].start, rows[wanted[-1]].stop  # the span that holds every wanted row
+        images = np.concatenate([np.arange(rows[i].start, rows[i].stop) for i in wanted])
         # A binary model has one weight row (its one logit) for both classes.
-        weight_rows = np.minimum(classes[first:last], len(self.cam_weights) - 1)
+        weight_rows = np.minimum(classes[images], len(self.cam_weights) - 1)
         size = (self.spec.preprocessing.height, self.spec.preprocessing.width)
         cams = np.empty((len(classes), *size), np.float32)
-        cams[first:last] = class_activation_maps(features[first:last], self.cam_weights, weight_rows, size)
+        cams[images] = class_activation_maps(features[images], self.cam_weights, weight_rows, size)
         return cams, classes
-
