@@ -248,3 +248,64 @@ def test_without_combining_every_request_is_its_own_batch():
     assert results[:5] == [[2 * i, 2 * i] for i in range(5)] and results[5] == [2 * x for x in range(6)]
     assert all(len(batch) == 1 for batch in rec.batches)  # never two requests in one execution
     assert sorted(len(batch[0]) for batch in rec.batches) == [2] * 6 + [4]  # the 6-unit one split at 4
+
+
+async def _arrivals_one_per_turn(b: DynamicBatcher, n: int) -> list:
+    """n callers that reach the batcher one loop turn after another, as gRPC hands requests to the loop."""
+    async def caller(i: int):
+        for _ in range(i):
+            await asyncio.sleep(0)
+        return await b.submit([i])
+    return await asyncio.gather(*(caller(i) for i in range(n)))
+
+
+@pytest.mark.parametrize("turns", [0, 10])
+def test_overlapping_callers_arriving_turn_by_turn_are_gathered_into_one_batch(turns):
+    rec = Recorder()
+
+    async def main():
+        b = DynamicBatcher(rec, max_batch_size=64, gather_turns=turns)
+        await b.start()
+        await asyncio.gather(b.submit([100]), b.submit([101]))  # two callers at once: the callers overlap
+        rec.batches.clear()
+        results = await _arrivals_one_per_turn(b, 8)
+        await b.stop()
+        return results
+
+    assert run(main()) == [[2 * i] for i in range(8)]
+    sizes = [sum(len(p) for p in batch) for batch in rec.batches]
+    if turns:
+        assert sizes == [8]  # every arrival within the turns the batch waited
+    else:
+        assert len(sizes) > 1  # without gathering the first batch leaves with the first arrivals
+
+
+def test_a_lone_caller_is_not_held_for_gathering():
+    """One caller, one request at a time: no overlap, so its batch leaves without the turns a gathering takes
+    (counted by a task that turns the loop until the batch starts)."""
+    turns = {"now": 0, "at_execute": []}
+
+    def execute(payloads, instance):
+        turns["at_execute"].append(turns["now"])
+        return [[2 * x for x in p] for p in payloads]
+
+    async def main():
+        # Run on the loop itself (a lone caller's small batch), so that no thread waits for the GIL meanwhile.
+        b = DynamicBatcher(execute, max_batch_size=64, gather_turns=1000, inline_max_units=64)
+        await b.start()
+
+        async def count_turns():
+            while True:
+                await asyncio.sleep(0)
+                turns["now"] += 1
+
+        counter = asyncio.create_task(count_turns())
+        for i in range(3):
+            started = turns["now"]
+            assert await b.submit([i]) == [2 * i]
+            turns["at_execute"][-1] -= started
+        counter.cancel()
+        await b.stop()
+
+    run(main())
+    assert max(turns["at_execute"]) < 50  # a gathering would have turned the loop 1000 times first
