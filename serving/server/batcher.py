@@ -4,7 +4,8 @@ It knows nothing of gRPC or onnxruntime: `execute(payloads, instance) -> results
 (one per instance, `instance` its index) over a list of request payloads, each supporting `len()` (its
 units: images, for the server) and slicing. Scheduling follows Triton's dynamic batcher: requests queue
 in arrival order per priority level; a batch leaves when it reaches `max_batch_size` units (or the
-largest preferred size available) or when the oldest request has waited `max_queue_delay`; a request
+largest preferred size available) or when the oldest request has waited `max_queue_delay`, and while
+callers overlap it first lets the event loop turn a few times to take in what arrived meanwhile; a request
 larger than the limit is split into chunks and merged back in order. The queue is bounded (QueueFull at
 once when full); requests whose deadline passes in the queue are dropped and answered DeadlineExceeded;
 a cancelled caller frees its slot.
@@ -29,9 +30,9 @@ from typing import Any, Protocol
 
 from ..engine.errors import BatcherStopped, DeadlineExceeded, InvalidInput, QueueFull
 
-# Event-loop turns a batch waits for more requests while callers overlap (`DynamicBatcher._gather`). Measured
-# with two workers on two cores (bench/results/cpu_gather_turns.md): 0 turns ran 1.5 requests per batch at 64
-# callers, 10 turns 5-6, for 27-35% more answers per second and no change for a lone caller.
+# Event-loop turns a batch waits for more requests while callers overlap (`DynamicBatcher._gather`). With two
+# workers on two cores at 64 callers, none gave 1.3-1.6 requests per batch and 10 gave 5.3-5.5, for 25-35%
+# more answers per second, a lone caller unchanged (docs/performance.md, workers; 16 gained nothing more).
 GATHER_TURNS = 10
 
 
