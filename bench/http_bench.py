@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         Path(args.out).write_text(f"bench/http_bench.py, model {args.model}, FP32 [1, 1, 28, 28] -> logits, "
-                                  f"{args.seconds:g} s per row, {os.cpu_count()} cores shared with other work\n\n" + text)
+                                  f"{args.seconds:g} s per row, {os.cpu_count()} cores (load generators and servers "
+                                  "share them)\n\n" + text)
     return 0
 
 
