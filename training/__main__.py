@@ -52,6 +52,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .config import load_config
     overrides = [*args.overrides, *(["progress=false"] if args.no_progress else [])]
     cfg = load_config(args.config, overrides)  # every key and value checked before any data loads
+    from .runtime import world_size
     from .train import train
     metrics = train(cfg)
     if metrics:  # the main process: where the checkpoint is, and what to run next
@@ -59,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         checkpoint = Path(cfg.out_dir) / "checkpoint.pt"
         print(f"checkpoint: {checkpoint}")
         print(f"next: python -m training export {checkpoint} --model-repository {DEFAULT_REPOSITORY}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if world_size() > 1:
         # DDP keeps the process group alive in C++ after destroy_process_group: its gloo threads are still running
         # at exit (pt_gloo_runloop, gloo_tcp_loop), and tearing them down with the interpreter has aborted a
         # finished run (SIGABRT, "terminate called without an active exception"). Every file is written and

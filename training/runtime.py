@@ -66,9 +66,14 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     raise ValueError(f"unknown amp {amp!r}: auto, bf16 or off")
 
 
+def world_size() -> int:
+    """How many processes train together: torchrun's WORLD_SIZE, 1 when started alone."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup_runtime(cfg: TrainConfig) -> Runtime:
     """Join the process group under torchrun, pick the device and precision, seed everything."""
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world = int(os.environ.get("RANK", "0")), world_size()
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     amp_dtype = autocast_dtype(cfg.amp, device)
     if device.type == "cuda":
